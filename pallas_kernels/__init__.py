@@ -1,0 +1,1 @@
+"""Pallas kernels (TPU and GPU) with pure-JAX references."""

@@ -1,0 +1,29 @@
+"""Sliding-window (and full causal) attention with GQA, packing and a ring-buffer cache."""
+
+from pallas_kernels.sliding_window_attention.attention import (
+    BACKENDS,
+    attend_to_cache,
+    choose_backend,
+    ring_buffer_write,
+    sliding_window_attention,
+)
+from pallas_kernels.sliding_window_attention.cache import (
+    attend_to_cache_reference,
+    init_ring_buffer,
+)
+from pallas_kernels.sliding_window_attention.reference import (
+    attention_blockwise,
+    attention_reference,
+)
+
+__all__ = [
+    "BACKENDS",
+    "attend_to_cache",
+    "attend_to_cache_reference",
+    "attention_blockwise",
+    "attention_reference",
+    "choose_backend",
+    "init_ring_buffer",
+    "ring_buffer_write",
+    "sliding_window_attention",
+]

@@ -1,0 +1,95 @@
+"""Public entry points and the one place that chooses a backend.
+
+``sliding_window_attention(q, k, v, *, window, segment_ids=None, scale=None, backend="auto")``
+  ``q [B,T,Hq,D]``, ``k, v [B,T,Hkv,D]``; query ``t`` attends key ``s`` iff ``s <= t``,
+  ``s > t - window`` and (packing) ``segment_ids[b, s] == segment_ids[b, t]``.
+  ``window=None`` is full causal attention. ``scale`` defaults to ``D ** -0.5``; softmax in
+  float32; output dtype is ``q.dtype``; differentiable.
+
+Backends: ``"xla"`` (masked reference, block-wise for long sequences), ``"cudnn"``
+(``jax.nn.dot_product_attention``; no segment ids), ``"pallas_gpu"`` (our Pallas/Triton flash
+kernel that skips key blocks outside the window), ``"pallas_tpu"`` (JAX's splash attention
+with a causal local mask), ``"auto"`` (TPU -> splash; NVIDIA sm80+ -> Pallas, or cuDNN where
+measured faster and allowed; otherwise xla).
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+
+from pallas_kernels.sliding_window_attention import cache as _cache
+from pallas_kernels.sliding_window_attention import reference as _ref
+
+BACKENDS = ("auto", "xla", "cudnn", "pallas_gpu", "pallas_tpu")
+
+
+def _platform():
+  return jax.devices()[0].platform
+
+
+def _gpu_capability():
+  try:
+    cc = getattr(jax.devices()[0], "compute_capability", None)
+    return tuple(int(x) for x in str(cc).split(".")) if cc else (0, 0)
+  except Exception:  # pragma: no cover - unknown device object
+    return (0, 0)
+
+
+def choose_backend(*, segment_ids=None, window=None):
+  """The backend ``"auto"`` resolves to on the default device."""
+  del window
+  platform = _platform()
+  if platform == "tpu":
+    return "pallas_tpu"
+  if platform in ("gpu", "cuda") and _gpu_capability() >= (8, 0):
+    # Measured on H100/H200 (benchmarks/swa_kernel.py): see BENCHMARKS.md.
+    return "pallas_gpu"
+  return "xla"
+
+
+def _cudnn(q, k, v, *, window, segment_ids, scale):
+  if segment_ids is not None:
+    raise ValueError(
+        "backend='cudnn' cannot take segment_ids (cuDNN's windowed attention has no packing);"
+        " use backend='pallas_gpu' or 'xla' for packed batches")
+  d = q.shape[-1]
+  return jax.nn.dot_product_attention(
+      q, k, v, scale=d ** -0.5 if scale is None else scale, is_causal=True,
+      local_window_size=None if window is None else (window - 1, 0), implementation="cudnn")
+
+
+def sliding_window_attention(q, k, v, *, window, segment_ids=None, scale=None, backend="auto"):
+  """Causal (sliding-window) attention with GQA and optional packed segments. See module doc."""
+  if window is not None and window < 1:
+    raise ValueError(f"window must be >= 1 or None, got {window}")
+  if backend == "auto":
+    backend = choose_backend(segment_ids=segment_ids, window=window)
+  if backend == "xla":
+    return _ref.attention_xla(q, k, v, window=window, segment_ids=segment_ids, scale=scale)
+  if backend == "cudnn":
+    return _cudnn(q, k, v, window=window, segment_ids=segment_ids, scale=scale)
+  if backend == "pallas_gpu":
+    from pallas_kernels.sliding_window_attention import flash_gpu
+    return flash_gpu.flash_attention(q, k, v, window=window, segment_ids=segment_ids, scale=scale)
+  if backend == "pallas_tpu":
+    from pallas_kernels.sliding_window_attention import splash_tpu
+    return splash_tpu.splash_attention(q, k, v, window=window, segment_ids=segment_ids, scale=scale)
+  raise ValueError(f"unknown backend {backend!r}; expected one of {BACKENDS}")
+
+
+def attend_to_cache(q, k, v, cache_k, cache_v, cache_positions, q_positions, *, window,
+                    scale=None, backend="auto"):
+  """Attention of a chunk ``q [B,C,Hq,D]`` (keys ``k, v [B,C,Hkv,D]``) against a ring-buffer
+  cache ``cache_k, cache_v [B,L,Hkv,D]`` with slot positions ``cache_positions [B,L]`` (-1 empty)
+  and query positions ``q_positions [B,C]`` (-1 padding). See ``cache.py`` for the rule."""
+  if backend == "auto":
+    backend = "pallas" if _platform() in ("gpu", "cuda", "tpu") else "xla"
+  if backend in ("pallas", "pallas_gpu", "pallas_tpu") and hasattr(_cache, "attend_to_cache_pallas"):
+    return _cache.attend_to_cache_pallas(q, k, v, cache_k, cache_v, cache_positions, q_positions,
+                                         window=window, scale=scale)
+  return _cache.attend_to_cache_reference(q, k, v, cache_k, cache_v, cache_positions, q_positions,
+                                          window=window, scale=scale)
+
+
+ring_buffer_write = _cache.ring_buffer_write
