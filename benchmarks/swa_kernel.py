@@ -1,0 +1,258 @@
+"""Sliding-window attention on one GPU: our Pallas kernel vs cuDNN (windowed and full causal).
+
+InfiniteVL's SWA shape: Hq=16, Hkv=2, D=128, window 8192, bf16. One run does, in order:
+1. correctness of every implementation against the float32 dense reference (fresh random
+   inputs, forward and all three gradients, packed and unpacked, T not a block multiple);
+2. a small block-size sweep of our kernel at T=65536 (forward and backward separately);
+3. timings (median of ``--reps`` after warm-up) at T in {32768, 65536, 131072}, forward and
+   forward+backward, for ours / cuDNN window / cuDNN full causal;
+4. a packed batch (4 documents) where only ours and the XLA reference can run.
+Writes ``$OUT/swa_kernel.json`` and ``$OUT/swa_kernel.png``; prints the table last.
+
+    python benchmarks/swa_kernel.py            # on the GPU machine
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import time
+import traceback
+
+import numpy as np
+
+sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
+
+import jax  # noqa: E402
+import jax.numpy as jnp  # noqa: E402
+
+from pallas_kernels.sliding_window_attention import attention_reference  # noqa: E402
+from pallas_kernels.sliding_window_attention import sliding_window_attention  # noqa: E402
+from pallas_kernels.sliding_window_attention.flash_gpu import flash_attention  # noqa: E402
+from pallas_kernels.sliding_window_attention.reference import attention_blockwise  # noqa: E402
+
+HQ, HKV, D, W = 16, 2, 128, 8192
+
+
+def rel(a, b):
+  a = jnp.asarray(a, jnp.float32)
+  b = jnp.asarray(b, jnp.float32)
+  return float(jnp.linalg.norm(a - b) / jnp.linalg.norm(b))
+
+
+def inputs(key, b, t, dtype=jnp.bfloat16):
+  kq, kk, kv, kd = jax.random.split(key, 4)
+  q = jax.random.normal(kq, (b, t, HQ, D), dtype)
+  k = jax.random.normal(kk, (b, t, HKV, D), dtype)
+  v = jax.random.normal(kv, (b, t, HKV, D), dtype)
+  do = jax.random.normal(kd, (b, t, HQ, D), dtype)
+  return q, k, v, do
+
+
+def fwd_and_bwd(fn):
+  """jitted forward, and jitted forward+backward returning (dq, dk, dv)."""
+  f = jax.jit(fn)
+
+  def fb(q, k, v, do):
+    _, vjp = jax.vjp(fn, q, k, v)
+    return vjp(do)
+
+  return f, jax.jit(fb)
+
+
+def timeit(f, *args, reps=10, warmup=2):
+  for _ in range(warmup):
+    jax.block_until_ready(f(*args))
+  ts = []
+  for _ in range(reps):
+    t0 = time.perf_counter()
+    jax.block_until_ready(f(*args))
+    ts.append(time.perf_counter() - t0)
+  return float(np.median(ts) * 1e3), float(np.min(ts) * 1e3), float(np.max(ts) * 1e3)
+
+
+def window_flops(t, window, b=1):
+  """Matmul FLOPs of the forward: 2 products of 2*D per visible (query, key) pair."""
+  n = np.arange(t)
+  pairs = np.minimum(n + 1, window if window else t).sum()
+  return float(4 * D * HQ * b * pairs)
+
+
+def impls(window, seg=None, cfg=None):
+  cfg = cfg or {}
+  out = {"ours": lambda q, k, v: flash_attention(q, k, v, window=window, segment_ids=seg, **cfg)}
+  if seg is None:
+    out["cudnn_window"] = lambda q, k, v: sliding_window_attention(
+        q, k, v, window=window, backend="cudnn")
+    out["cudnn_full"] = lambda q, k, v: sliding_window_attention(
+        q, k, v, window=None, backend="cudnn")
+  else:
+    out["xla_blockwise"] = lambda q, k, v: attention_blockwise(
+        q, k, v, window=window, segment_ids=seg)
+  return out
+
+
+def correctness(log):
+  key = jax.random.PRNGKey(0)
+  cases = [(1, 4096, 1024, False), (2, 4000, 700, True), (1, 3000, None, False)]
+  for i, (b, t, w, packed) in enumerate(cases):
+    q, k, v, do = inputs(jax.random.fold_in(key, i), b, t)
+    seg = None
+    if packed:
+      seg = jnp.asarray(np.repeat(np.arange(4), -(-t // 4))[None, :t].repeat(b, 0), jnp.int32)
+    f32 = lambda x: x.astype(jnp.float32)
+    ref = lambda q, k, v: attention_reference(q, k, v, window=w, segment_ids=seg)
+    o_ref, vjp_ref = jax.vjp(ref, f32(q), f32(k), f32(v))
+    g_ref = vjp_ref(f32(do))
+    for name, fn in impls(w, seg).items():
+      if name == "cudnn_full" and w is not None:
+        continue
+      try:
+        o, vjp = jax.vjp(jax.jit(fn), q, k, v)
+        g = vjp(do)
+        errs = [rel(o, o_ref)] + [rel(a, b_) for a, b_ in zip(g, g_ref)]
+        finite = bool(jnp.all(jnp.isfinite(o.astype(jnp.float32))))
+        ok = finite and max(errs) < 2e-2
+        log.append(dict(kind="check", case=(b, t, w, packed), impl=name, errors=errs, ok=ok))
+        print(f"check b={b} t={t} w={w} packed={packed} {name:14s} "
+              f"o {errs[0]:.2e} dq {errs[1]:.2e} dk {errs[2]:.2e} dv {errs[3]:.2e} "
+              f"{'OK' if ok else 'FAIL'}", flush=True)
+      except Exception as e:  # keep going: one failure must not cost the whole run
+        traceback.print_exc()
+        log.append(dict(kind="check", case=(b, t, w, packed), impl=name, error=repr(e)[:500]))
+
+
+def sweep(log, t, reps):
+  q, k, v, do = inputs(jax.random.PRNGKey(1), 1, t)
+  fwd_cfgs = [dict(block_q=128, block_k=64, num_warps=8, num_stages=3),
+              dict(block_q=128, block_k=128, num_warps=8, num_stages=2),
+              dict(block_q=64, block_k=64, num_warps=4, num_stages=3)]
+  bwd_cfgs = [dict(bwd_block_q=64, bwd_block_k=128, bwd_num_warps=8, bwd_num_stages=2),
+              dict(bwd_block_q=32, bwd_block_k=128, bwd_num_warps=4, bwd_num_stages=2),
+              dict(bwd_block_q=64, bwd_block_k=64, bwd_num_warps=4, bwd_num_stages=2)]
+  best_f, best_b = (None, 1e9), (None, 1e9)
+  for c in fwd_cfgs:
+    try:
+      f = jax.jit(lambda q, k, v: flash_attention(q, k, v, window=W, **c))
+      ms = timeit(f, q, k, v, reps=reps)[0]
+      print(f"sweep fwd {c}: {ms:.2f} ms", flush=True)
+      log.append(dict(kind="sweep_fwd", cfg=c, ms=ms))
+      if ms < best_f[1]:
+        best_f = (c, ms)
+    except Exception as e:
+      traceback.print_exc()
+      log.append(dict(kind="sweep_fwd", cfg=c, error=repr(e)[:500]))
+  for c in bwd_cfgs:
+    try:
+      cc = dict(best_f[0] or {}, **c)
+      _, fb = fwd_and_bwd(lambda q, k, v: flash_attention(q, k, v, window=W, **cc))
+      ms = timeit(fb, q, k, v, do, reps=reps)[0]
+      print(f"sweep fwd+bwd {cc}: {ms:.2f} ms", flush=True)
+      log.append(dict(kind="sweep_bwd", cfg=cc, ms=ms))
+      if ms < best_b[1]:
+        best_b = (c, ms)
+    except Exception as e:
+      traceback.print_exc()
+      log.append(dict(kind="sweep_bwd", cfg=c, error=repr(e)[:500]))
+  return dict(best_f[0] or {}, **(best_b[0] or {}))
+
+
+def main():
+  ap = argparse.ArgumentParser()
+  ap.add_argument("--reps", type=int, default=10)
+  ap.add_argument("--lengths", default="32768,65536,131072")
+  ap.add_argument("--no-sweep", action="store_true")
+  args = ap.parse_args()
+  out_dir = os.environ.get("OUT", ".")
+  dev = jax.devices()[0]
+  meta = dict(device=dev.device_kind, jax=jax.__version__, date=time.strftime("%Y-%m-%d"),
+              shape=dict(Hq=HQ, Hkv=HKV, D=D, window=W, dtype="bfloat16"), reps=args.reps)
+  print(meta, flush=True)
+  log = []
+  correctness(log)
+  cfg = {} if args.no_sweep else sweep(log, 65536, args.reps)
+  meta["cfg"] = cfg
+  print("chosen config:", cfg, flush=True)
+
+  rows = []
+  lengths = [int(x) for x in args.lengths.split(",")]
+  for t in lengths:
+    q, k, v, do = inputs(jax.random.PRNGKey(t), 1, t)
+    for name, fn in impls(W, None, cfg).items():
+      f, fb = fwd_and_bwd(fn)
+      for mode, g, a in (("fwd", f, (q, k, v)), ("fwd+bwd", fb, (q, k, v, do))):
+        try:
+          med, lo, hi = timeit(g, *a, reps=args.reps)
+        except Exception as e:
+          traceback.print_exc()
+          rows.append(dict(t=t, impl=name, mode=mode, error=repr(e)[:300]))
+          continue
+        fl = window_flops(t, None if name == "cudnn_full" else W) * (1 if mode == "fwd" else 3.5)
+        rows.append(dict(t=t, impl=name, mode=mode, ms=med, ms_min=lo, ms_max=hi,
+                         tflops=fl / med / 1e9))
+        print(f"T={t:6d} {name:13s} {mode:7s} {med:9.2f} ms  ({fl / med / 1e9:5.0f} TFLOP/s)",
+              flush=True)
+  # packed: 4 documents of T/4 tokens each; cuDNN cannot take segment ids
+  tp = lengths[0]
+  q, k, v, do = inputs(jax.random.PRNGKey(7), 1, tp)
+  seg = jnp.repeat(jnp.arange(4, dtype=jnp.int32), tp // 4)[None]
+  for name, fn in impls(W, seg, cfg).items():
+    f, fb = fwd_and_bwd(fn)
+    for mode, g, a in (("fwd", f, (q, k, v)), ("fwd+bwd", fb, (q, k, v, do))):
+      try:
+        med, lo, hi = timeit(g, *a, reps=args.reps)
+        rows.append(dict(t=tp, impl=name + "_packed4", mode=mode, ms=med, ms_min=lo, ms_max=hi))
+        print(f"packed T={tp} {name:13s} {mode:7s} {med:9.2f} ms", flush=True)
+      except Exception as e:
+        traceback.print_exc()
+        rows.append(dict(t=tp, impl=name + "_packed4", mode=mode, error=repr(e)[:300]))
+
+  with open(os.path.join(out_dir, "swa_kernel.json"), "w") as fh:
+    json.dump(dict(meta=meta, rows=rows, log=log), fh, indent=1)
+  try:
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    fig, axes = plt.subplots(1, 2, figsize=(10, 4))
+    for ax, mode in zip(axes, ("fwd", "fwd+bwd")):
+      for name in ("ours", "cudnn_window", "cudnn_full"):
+        pts = [(r["t"], r["ms"]) for r in rows if r["impl"] == name and r["mode"] == mode
+               and "ms" in r]
+        if pts:
+          ax.plot(*zip(*pts), marker="o", label=name)
+      ax.set_xscale("log", base=2)
+      ax.set_yscale("log")
+      ax.set_xlabel("sequence length")
+      ax.set_ylabel("ms")
+      ax.set_title(f"SWA {mode}, Hq16 Hkv2 D128 W8192 bf16, {dev.device_kind}")
+      ax.legend()
+    fig.tight_layout()
+    fig.savefig(os.path.join(out_dir, "swa_kernel.png"), dpi=100)
+  except Exception:
+    traceback.print_exc()
+
+  # the table, last
+  get = lambda t, n, m: next((r.get("ms") for r in rows if r["t"] == t and r["impl"] == n
+                              and r["mode"] == m), None)
+  fmt = lambda x: f"{x:9.2f}" if x is not None else "      n/a"
+  print(f"\n{meta['device']}, JAX {meta['jax']}, bf16, Hq=16 Hkv=2 D=128 W=8192, median ms")
+  print("| T | mode | ours | cuDNN window | cuDNN full | ours / cuDNN window |")
+  print("|---|---|---|---|---|---|")
+  for t in lengths:
+    for m in ("fwd", "fwd+bwd"):
+      a, b, c = get(t, "ours", m), get(t, "cudnn_window", m), get(t, "cudnn_full", m)
+      ratio = f"{a / b:.2f}" if a and b else "n/a"
+      print(f"| {t} | {m} | {fmt(a)} | {fmt(b)} | {fmt(c)} | {ratio} |")
+  for m in ("fwd", "fwd+bwd"):
+    a, b = get(lengths[-1], "ours", m), get(lengths[-2], "ours", m) if len(lengths) > 1 else None
+    if a and b:
+      print(f"ours {m}: time({lengths[-1]}) / time({lengths[-2]}) = {a / b:.2f}")
+  for m in ("fwd", "fwd+bwd"):
+    a, b = get(tp, "ours_packed4", m), get(tp, "xla_blockwise_packed4", m)
+    print(f"packed 4 docs T={tp} {m}: ours {fmt(a)}  xla blockwise {fmt(b)}")
+
+
+if __name__ == "__main__":
+  main()
