@@ -1,0 +1,160 @@
+"""Public chunked gated delta rule: layout handling, segment masks, custom VJP and backend dispatch.
+
+Every backend runs the same four stages (see `xla.py`); the custom VJP recomputes the per-chunk states in the
+backward pass instead of saving them, then runs a reverse pass for the state gradients and a chunk-parallel
+pass for all input gradients. q/k L2-normalisation, the scale, the within-chunk cumulative sum of g and the
+padding live outside the custom VJP, so JAX differentiates them.
+"""
+
+from __future__ import annotations
+
+import functools
+import importlib
+
+import jax
+import jax.numpy as jnp
+
+from . import xla
+from .naive import l2norm, reset_mask
+
+BACKENDS = ("auto", "xla", "pallas_tpu", "pallas_gpu")
+
+
+def _impl(backend):
+  if backend == "xla":
+    return xla
+  return importlib.import_module(f".{backend}", __package__)
+
+
+def supported(backend, K, V, chunk_size, dtype) -> bool:
+  """Whether a Pallas backend handles these sizes (else "auto" falls back to "xla")."""
+  if backend == "xla":
+    return True
+  ok = chunk_size == 64 and K % 16 == 0 and V % 16 == 0 and K <= 256 and V <= 256
+  if backend == "pallas_gpu":  # Triton tensors must have power-of-two sizes
+    ok = ok and K & (K - 1) == 0 and V & (V - 1) == 0 and jnp.dtype(dtype) in (jnp.float32, jnp.bfloat16,
+                                                                             jnp.float16)
+  return ok
+
+
+def resolve_backend(backend, K, V, chunk_size, dtype) -> str:
+  if backend not in BACKENDS:
+    raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
+  if backend != "auto":
+    if not supported(backend, K, V, chunk_size, dtype):
+      raise ValueError(f"{backend} does not support K={K}, V={V}, chunk_size={chunk_size}, {dtype}")
+    return backend
+  dev = jax.devices()[0]
+  choice = "xla"
+  if dev.platform == "tpu":
+    choice = "pallas_tpu"
+  elif dev.platform == "gpu":
+    cc = getattr(dev, "compute_capability", "0")
+    if float(cc) >= 8.0:
+      choice = "pallas_gpu"
+  return choice if supported(choice, K, V, chunk_size, dtype) else "xla"
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(0, 1))
+def _core(backend, C, q, k, v, gam, beta, h0, m, seg):
+  impl = _impl(backend)
+  w, u = impl.wu(k, v, gam, beta, m, seg, chunk_size=C)
+  o, hT, _ = impl.forward(q, k, w, u, gam, m, seg, h0, False, chunk_size=C)
+  return o, hT
+
+
+def _core_fwd(backend, C, q, k, v, gam, beta, h0, m, seg):
+  out = _core(backend, C, q, k, v, gam, beta, h0, m, seg)
+  return out, (q, k, v, gam, beta, h0, m, seg)
+
+
+def _core_bwd(backend, C, res, cts):
+  q, k, v, gam, beta, h0, m, seg = res
+  do, dhT = cts
+  impl = _impl(backend)
+  do = do.astype(q.dtype)
+  w, u = impl.wu(k, v, gam, beta, m, seg, chunk_size=C)
+  _, _, h = impl.forward(q, k, w, u, gam, m, seg, h0, True, chunk_size=C)
+  dh, dh0 = impl.backward_state(q, k, w, do, gam, m, seg, dhT.astype(jnp.float32), chunk_size=C)
+  dq, dk, dv, dbeta, dgam = impl.grads(q, k, v, gam, beta, m, seg, h, dh, do, chunk_size=C)
+  return (dq.astype(q.dtype), dk.astype(k.dtype), dv.astype(v.dtype), dgam, dbeta, dh0,
+          jnp.zeros_like(m), jnp.zeros_like(seg))
+
+
+_core.defvjp(_core_fwd, _core_bwd)
+
+
+def _prepare(q, k, v, g, beta, scale, initial_state, use_qk_l2norm, segment_ids, C):
+  """[B,T,H,*] -> the kernels' [N=B*H, Tp, *] layout, Tp a multiple of C, plus the per-token gate columns."""
+  B, T, H, K = q.shape
+  V = v.shape[-1]
+  cdt = q.dtype
+  Tp = -(-T // C) * C
+  pad = Tp - T
+  if use_qk_l2norm:
+    q, k = l2norm(q), l2norm(k)
+  q = (q.astype(jnp.float32) * scale).astype(cdt)
+  k = k.astype(cdt)
+
+  def heads_first(x):  # [B,T,H,*] -> [B*H, Tp, *]
+    x = jnp.pad(x, ((0, 0), (0, pad)) + ((0, 0),) * (x.ndim - 2))
+    x = jnp.swapaxes(x, 1, 2)
+    return x.reshape(B * H, Tp, *x.shape[3:])
+
+  q, k, v = heads_first(q), heads_first(k), heads_first(v.astype(cdt))
+  # Padding tokens have g = 0 and beta = 0: they leave the state untouched.
+  g = heads_first(g.astype(jnp.float32))
+  gam = jnp.cumsum(g.reshape(B * H, Tp // C, C), axis=-1).reshape(B * H, Tp, 1)
+  beta = heads_first(beta.astype(jnp.float32))[..., None]
+  # Segment number = count of resets so far; m = 1 where the chunk's entry state still reaches the token.
+  rid = jnp.cumsum(reset_mask(segment_ids, B, T).astype(jnp.int32), axis=1)
+  rid = jnp.pad(rid, ((0, 0), (0, pad)), mode="edge").reshape(B, Tp // C, C)
+  prev = jnp.concatenate([rid[:, :1, :1], rid[:, :-1, -1:]], axis=1)
+  m = (rid == prev).astype(jnp.float32)
+  seg = rid.astype(jnp.float32)
+  per_head = lambda x: jnp.broadcast_to(x.reshape(B, 1, Tp, 1), (B, H, Tp, 1)).reshape(B * H, Tp, 1)
+  h0 = (jnp.zeros((B * H, K, V), jnp.float32) if initial_state is None
+        else initial_state.astype(jnp.float32).reshape(B * H, K, V))
+  return q, k, v, gam, beta, h0, per_head(m), per_head(seg)
+
+
+def chunk_gated_delta_rule(q, k, v, g, beta, *, scale=None, initial_state=None, output_final_state=False,
+                           use_qk_l2norm=True, segment_ids=None, chunk_size=64, backend="auto"):
+  """Gated delta rule over a whole sequence, chunk-parallel (training and prefill).
+
+  Args:
+    q, k: [batch, seq, heads, K]; v: [batch, seq, heads, V] (bf16 or f32; the kernels' operand dtype is q's).
+    g: [batch, seq, heads] log-decay (<= 0), computed in float32. beta: [batch, seq, heads] in (0, 1).
+    scale: multiplies q; defaults to K ** -0.5.
+    initial_state: [batch, heads, K, V] float32 or None (zeros).
+    output_final_state: also return the state after the last token.
+    use_qk_l2norm: normalise q and k per head as x * rsqrt(sum(x^2) + 1e-6) in float32 first.
+    segment_ids: [batch, seq] int or None. Wherever segment_ids[t] != segment_ids[t-1] the state is reset to
+      zero before token t (any position; used for packed documents and padding). Token 0 starts from
+      initial_state.
+    chunk_size: tokens per chunk (the Pallas kernels need 64). seq need not be a multiple of it.
+    backend: "xla" (reference chunked form), "pallas_tpu" (Mosaic), "pallas_gpu" (Triton lowering) or "auto"
+      (TPU -> pallas_tpu, GPU with compute capability >= 8.0 -> pallas_gpu, else xla; xla too for sizes a
+      kernel does not support).
+
+  Per token: S <- exp(g_t) S; v' = beta_t (v_t - S^T k_t); S <- S + k_t v'^T; o_t = S^T (scale q_t), with the
+  state S [K, V] kept in float32. Differentiable in q, k, v, g, beta and initial_state (custom VJP whose
+  backward pass is itself made of kernels for the Pallas backends).
+
+  Returns:
+    o: [batch, seq, heads, V] in v.dtype; final_state: [batch, heads, K, V] float32, or None unless
+    output_final_state.
+
+  Note: the TPU kernels are checked in interpret mode and by lowering for TPU (`lower(lowering_platforms=
+  ("tpu",))` producing `tpu_custom_call`); a lowering is not a TPU compilation, so Mosaic may still reject or
+  mis-tile a kernel on real hardware.
+  """
+  B, T, H, K = q.shape
+  V = v.shape[-1]
+  scale = K ** -0.5 if scale is None else scale
+  C = chunk_size
+  backend = resolve_backend(backend, K, V, C, q.dtype)
+  args = _prepare(q, k, v, g, beta, scale, initial_state, use_qk_l2norm, segment_ids, C)
+  o, hT = _core(backend, C, *args)
+  o = o[:, :T].reshape(B, H, T, V).swapaxes(1, 2).astype(v.dtype)
+  return o, (hT.reshape(B, H, K, V) if output_final_state else None)

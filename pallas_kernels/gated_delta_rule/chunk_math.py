@@ -1,0 +1,207 @@
+"""Per-chunk algebra of the chunked gated delta rule, shared by the XLA form and the Pallas kernels.
+
+Every function works on one chunk of C tokens of one head, as 2-D arrays, and uses only ops that lower both
+through Mosaic TPU and through Triton (dot_general, where, exp, iota comparisons, keepdims reductions): the
+kernels call these functions on the blocks they load, the XLA form vmaps them over chunks and heads.
+
+Notation (REFERENCE.md section 3), for a chunk with state S0 [K, V] on entry:
+  gam [C, 1]  within-chunk cumulative log-decay, gam_i = sum_{t <= i} g_t
+  m   [C, 1]  1 where no segment reset happened between the chunk start and token i (S0 still reaches i)
+  seg [C, 1]  segment number (monotone, counts resets); tokens interact only inside one segment
+  D_ij = [i >= j][seg_i == seg_j] exp(gam_i - gam_j), E_i = m_i exp(gam_i),
+  F_j = D_{C-1, j} (decay from token j to the chunk end), gl = E_{C-1}.
+  L = strict_lower(beta_i (k_i . k_j) D_ij), A = (I + L)^-1, U = A (beta V), W = A (beta E K)
+  V' = U - W S0                       (the delta-rule corrected values)
+  O  = (E Q) S0 + (Q K^T * D) V'
+  S1 = gl S0 + (F K)^T V'
+Resets are exact: they are masks on D, E, F, never a large negative g.
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+from jax import lax
+
+f32 = jnp.float32
+SUB = 16  # diagonal block size of the triangular inverse
+
+
+def dot(a, b, ta=False, tb=False):
+  """a @ b (optionally transposed operands) with float32 accumulation; exact fp32 for fp32 operands."""
+  dims = (((0 if ta else 1,), (1 if tb else 0,)), ((), ()))
+  prec = lax.Precision.HIGHEST if (a.dtype == f32 and b.dtype == f32) else lax.Precision.DEFAULT
+  return lax.dot_general(a, b, dims, precision=prec, preferred_element_type=f32)
+
+
+def _iota2(n, m):
+  return lax.broadcasted_iota(jnp.int32, (n, m), 0), lax.broadcasted_iota(jnp.int32, (n, m), 1)
+
+
+def col_to_row(x):
+  """[C, 1] -> [1, C] without a transpose op (a masked sublane reduction lowers everywhere)."""
+  r, c = _iota2(x.shape[0], x.shape[0])
+  return jnp.sum(jnp.where(r == c, x, 0.0), axis=0, keepdims=True)
+
+
+def row_to_col(x):
+  """[1, C] -> [C, 1]."""
+  r, c = _iota2(x.shape[1], x.shape[1])
+  return jnp.sum(jnp.where(r == c, x, 0.0), axis=1, keepdims=True)
+
+
+def last(x):
+  """[C, 1] -> [1, 1], the last row."""
+  r = lax.broadcasted_iota(jnp.int32, x.shape, 0)
+  return jnp.sum(jnp.where(r == x.shape[0] - 1, x, 0.0), axis=0, keepdims=True)
+
+
+def gates(gam, m, seg):
+  """Decay/segment factors of a chunk: D [C, C], E [C, 1], F [C, 1], gl [1, 1] (all float32)."""
+  C = gam.shape[0]
+  r, c = _iota2(C, C)
+  same = (seg == col_to_row(seg)) & (r >= c)
+  # exp only of masked differences: exp(gam_i - gam_j) <= 1 for i >= j, never an overflow.
+  D = jnp.where(same, jnp.exp(jnp.where(same, gam - col_to_row(gam), 0.0)), 0.0)
+  E = m * jnp.exp(gam)
+  gam_last, seg_last = last(gam), last(seg)
+  F = jnp.where(seg == seg_last, jnp.exp(gam_last - gam), 0.0)
+  gl = last(m) * jnp.exp(gam_last)
+  return D, E, F, gl
+
+
+def strict_lower(C):
+  r, c = _iota2(C, C)
+  return r > c
+
+
+def unit_lower_inverse(L):
+  """(I + L)^-1 for strictly lower-triangular L [C, C] float32, with kernel-friendly ops only.
+
+  The 16x16 diagonal blocks are solved by forward substitution, one row of every block per step
+  (a masked [C, C] @ [C, C] product, so it runs on the matrix units); the strictly block-lower rest
+  N = Bd L_off is nilpotent of order C/16, so (I + N)^-1 = I - N + N^2 - N^3 (exact for C = 64).
+  This is the blocked triangular solve; it avoids the unstable full Neumann series over L itself.
+  """
+  C = L.shape[0]
+  r, c = _iota2(C, C)
+  nblk = C // SUB
+  blk = jnp.zeros((C, C), bool)
+  for b in range(nblk):
+    lo, hi = b * SUB, (b + 1) * SUB
+    blk = blk | ((r >= lo) & (r < hi) & (c >= lo) & (c < hi))
+  eye = (r == c).astype(f32)
+  Ld = jnp.where(blk, L, 0.0)
+  x = eye
+  for i in range(1, SUB):
+    rows = r == i
+    for b in range(1, nblk):
+      rows = rows | (r == b * SUB + i)
+    x = jnp.where(rows, eye - dot(jnp.where(rows, Ld, 0.0), x), x)
+  if nblk == 1:
+    return x
+  n = dot(x, jnp.where(blk, 0.0, L))
+  acc, term = x, x
+  for p in range(1, nblk):
+    term = dot(n, term)
+    acc = acc - term if p % 2 else acc + term
+  return acc
+
+
+def chunk_wu(k, v, gam, beta, m, seg, inverse=unit_lower_inverse):
+  """W [C, K] and U [C, V] (float32) of one chunk; k, v in the compute dtype, the rest float32 [C, 1]."""
+  cdt = k.dtype
+  D, E, _, _ = gates(gam, m, seg)
+  kk = dot(k, k, tb=True)
+  L = jnp.where(strict_lower(k.shape[0]), beta * kk * D, 0.0)
+  A = inverse(L).astype(cdt)
+  u = dot(A, (beta * v).astype(cdt))
+  w = dot(A, (beta * E * k).astype(cdt))
+  return w, u
+
+
+def chunk_forward(q, k, w, u, gam, m, seg, S):
+  """One chunk of the state pass: returns (O [C, Vb] float32, S1 [K, Vb] float32) from S [K, Vb] float32.
+
+  Works on any slice of the value columns (V' and O are column-separable given W and U).
+  """
+  cdt = q.dtype
+  D, E, F, gl = gates(gam, m, seg)
+  Sc = S.astype(cdt)
+  vn = u - dot(w.astype(cdt), Sc)
+  P = dot(q, k, tb=True) * D
+  vnc = vn.astype(cdt)
+  o = dot((q * E).astype(cdt), Sc) + dot(P.astype(cdt), vnc)
+  S1 = gl * S + dot((k * F).astype(cdt), vnc, ta=True)
+  return o, S1
+
+
+def chunk_backward_state(q, k, w, do, gam, m, seg, dS1):
+  """One chunk of the reverse pass: dS0 [K, Vb] from dS1 [K, Vb] (gradient w.r.t. the state after the chunk).
+
+  dV' = (Q K^T * D)^T dO + (F K) dS1 does not depend on S0, so this pass needs no forward states.
+  """
+  cdt = q.dtype
+  D, E, F, gl = gates(gam, m, seg)
+  P = (dot(q, k, tb=True) * D).astype(cdt)
+  dvn = dot(P, do, ta=True) + dot((k * F).astype(cdt), dS1.astype(cdt))
+  return gl * dS1 + dot((q * E).astype(cdt), do, ta=True) - dot(w.astype(cdt), dvn.astype(cdt), ta=True)
+
+
+def chunk_backward(q, k, v, gam, beta, m, seg, S0, dS1, do, inverse=unit_lower_inverse):
+  """Gradients of one chunk given its entry state S0 and the gradient dS1 of its exit state [K, V].
+
+  Returns dq, dk [C, K], dv [C, V], dbeta, dgam [C, 1] (float32). dgam is w.r.t. the within-chunk cumulative
+  log-decay; the caller turns it into dg with a reverse cumulative sum.
+  """
+  cdt = q.dtype
+  C = q.shape[0]
+  c_ = lambda x: x.astype(cdt)
+  D, E, F, gl = gates(gam, m, seg)
+  strict = strict_lower(C)
+  kk = dot(k, k, tb=True)
+  L = jnp.where(strict, beta * kk * D, 0.0)
+  A = inverse(L)
+  Ac = c_(A)
+  xw = beta * E * k
+  U = dot(Ac, c_(beta * v))
+  W = dot(Ac, c_(xw))
+  S0c, dS1c = c_(S0), c_(dS1)
+  vn = U - dot(c_(W), S0c)
+  qk = dot(q, k, tb=True)
+  P = qk * D
+  dvn = dot(c_(P), do, ta=True) + dot(c_(k * F), dS1c)
+  dW = -dot(c_(dvn), S0c, tb=True)
+  dxu = dot(Ac, c_(dvn), ta=True)
+  dxw = dot(Ac, c_(dW), ta=True)
+  dL = jnp.where(strict, -(dot(c_(dxu), c_(U), tb=True) + dot(c_(dxw), c_(W), tb=True)), 0.0)
+  dv = beta * dxu
+  dbeta = (jnp.sum(dxu * v, axis=1, keepdims=True) + jnp.sum(dxw * E * k, axis=1, keepdims=True)
+           + jnp.sum(dL * kk * D, axis=1, keepdims=True))
+  dk = beta * E * dxw
+  dE = beta * jnp.sum(dxw * k, axis=1, keepdims=True)
+  # O = (E Q) S0 + P V'
+  dPr = dot(do, c_(vn), tb=True)
+  dP = dPr * D
+  doS = dot(do, S0c, tb=True)
+  dq = dot(c_(dP), k) + E * doS
+  dk = dk + dot(c_(dP), q, ta=True)
+  dD = dPr * qk
+  dE = dE + jnp.sum(q * doS, axis=1, keepdims=True)
+  # L = beta (K K^T) * D
+  G = c_(dL * beta * D)
+  dk = dk + dot(G, k) + dot(G, k, ta=True)
+  dD = dD + dL * beta * kk
+  # S1 = gl S0 + (F K)^T V'
+  Z = dot(c_(vn), dS1c, tb=True)
+  dk = dk + F * Z
+  dF = jnp.sum(k * Z, axis=1, keepdims=True)
+  dgl = jnp.sum(jnp.sum(S0 * dS1, axis=1, keepdims=True), axis=0, keepdims=True)
+  # back to gam through D, E, F, gl
+  DD = dD * D
+  FF = dF * F
+  r = lax.broadcasted_iota(jnp.int32, (C, 1), 0)
+  tail = jnp.sum(FF, axis=0, keepdims=True) + dgl * gl
+  dgam = (jnp.sum(DD, axis=1, keepdims=True) - row_to_col(jnp.sum(DD, axis=0, keepdims=True))
+          + dE * E - FF + jnp.where(r == C - 1, tail, 0.0))
+  return dq, dk, dv, dbeta, dgam
