@@ -103,7 +103,7 @@ def get_rope_index(
     i_img = i_vid = 0
     for b in range(B):
         real = ids[b][mask[b]]
-        n_img, n_vid = _count_spans(real, image_token_id), _count_spans(real, video_token_id)
+        n_img, n_vid = count_spans(real, image_token_id), count_spans(real, video_token_id)
         p = rope_index_1d(
             real, images[i_img : i_img + n_img], videos[i_vid : i_vid + n_vid], seconds[i_vid : i_vid + n_vid],
             image_token_id=image_token_id, video_token_id=video_token_id, spatial_merge_size=spatial_merge_size,
@@ -115,7 +115,7 @@ def get_rope_index(
     return pos, deltas
 
 
-def _count_spans(ids: np.ndarray, token: int) -> int:
+def count_spans(ids: np.ndarray, token: int) -> int:
     """Number of maximal runs of ``token``. Adjacent spans of one kind must be separated by markers."""
     hit = ids == token
     return int(np.sum(hit[1:] & ~hit[:-1]) + (hit[0] if hit.size else 0))

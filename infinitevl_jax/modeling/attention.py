@@ -1,0 +1,42 @@
+"""Softmax attention layer (GQA, M-RoPE), used full-causal by the teacher and sliding-window by InfiniteVL."""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+from infinitevl_jax import ops
+from infinitevl_jax.config import SWA, TextConfig
+from infinitevl_jax.modeling.layers import linear
+from infinitevl_jax.modeling.rope import apply_rotary
+
+
+class Attention(nnx.Module):
+    """q/k/v projections with bias, o_proj without; a query sees itself and the previous ``window - 1`` tokens.
+
+    ``window`` is ``config.sliding_window`` for sliding-window layers and ``None`` (full causal) otherwise.
+    """
+
+    def __init__(self, config: TextConfig, kind: str, *, dtype=None, param_dtype=jnp.float32, rngs: nnx.Rngs):
+        c = config
+        self.num_heads, self.num_kv_heads, self.head_dim = c.num_attention_heads, c.num_key_value_heads, c.head_dim
+        self.window = c.sliding_window if kind == SWA else None
+        kw = dict(dtype=dtype, param_dtype=param_dtype, rngs=rngs)
+        self.q_proj = linear(c.hidden_size, c.num_attention_heads * c.head_dim, ("embed", "q_heads"), use_bias=True, **kw)
+        self.k_proj = linear(c.hidden_size, c.num_key_value_heads * c.head_dim, ("embed", "kv_heads"), use_bias=True, **kw)
+        self.v_proj = linear(c.hidden_size, c.num_key_value_heads * c.head_dim, ("embed", "kv_heads"), use_bias=True, **kw)
+        self.o_proj = linear(c.num_attention_heads * c.head_dim, c.hidden_size, ("q_heads", "embed"), **kw)
+
+    def project(self, x: jax.Array, cos: jax.Array, sin: jax.Array):
+        """``x [B,T,E]`` -> rotated ``q [B,T,Hq,D]``, ``k [B,T,Hkv,D]`` and ``v [B,T,Hkv,D]``."""
+        B, T, _ = x.shape
+        q = self.q_proj(x).reshape(B, T, self.num_heads, self.head_dim)
+        k = self.k_proj(x).reshape(B, T, self.num_kv_heads, self.head_dim)
+        v = self.v_proj(x).reshape(B, T, self.num_kv_heads, self.head_dim)
+        return apply_rotary(q, cos, sin), apply_rotary(k, cos, sin), v
+
+    def __call__(self, x: jax.Array, *, cos: jax.Array, sin: jax.Array, segment_ids: jax.Array | None) -> jax.Array:
+        q, k, v = self.project(x, cos, sin)
+        o = ops.attention(q, k, v, window=self.window, segment_ids=segment_ids)
+        return self.o_proj(o.reshape(*x.shape[:2], -1))

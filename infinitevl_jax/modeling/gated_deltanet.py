@@ -1,0 +1,108 @@
+"""Gated DeltaNet token mixer (the release's layer; REFERENCE section 3).
+
+Per head, with state S ``[K, V]``: ``S_t = exp(g_t) (I - beta_t k_t k_t^T) S_{t-1} + beta_t k_t v_t^T`` and
+``o_t = S_t^T (K^-0.5 q_t)``, with q/k L2-normalised, beta = sigmoid(b_proj x), g = -exp(A_log) softplus(a_proj x + dt_bias).
+q, k and v each pass a depthwise causal short convolution (kernel 4) and SiLU; the output is RMS-normalised per head
+and gated by SiLU(g_proj x). Segment ids reset both the recurrent state and the convolution windows at document
+boundaries, so packed documents and padding never leak into each other (the release ignores both).
+"""
+
+from __future__ import annotations
+
+import math
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+from infinitevl_jax import ops
+from infinitevl_jax.config import TextConfig
+from infinitevl_jax.modeling.layers import linear
+from infinitevl_jax.modeling.norms import rms_norm
+
+
+def causal_conv1d(x: jax.Array, kernel: jax.Array, segment_ids: jax.Array | None = None,
+                  state: jax.Array | None = None) -> tuple[jax.Array, jax.Array]:
+    """Depthwise causal convolution. ``x [B,T,C]``, ``kernel [W,C]`` (tap W-1 is the current token).
+
+    ``state [B,W-1,C]``: the inputs preceding ``x`` (zeros when None). Taps reading a token of another segment
+    contribute nothing. Returns ``(y [B,T,C], new_state [B,W-1,C])`` = the last W-1 inputs.
+    """
+    B, T, C = x.shape
+    W = kernel.shape[0]
+    prev = jnp.zeros((B, W - 1, C), x.dtype) if state is None else state.astype(x.dtype)
+    xp = jnp.concatenate([prev, x], axis=1)
+    if segment_ids is not None:
+        # The preceding inputs belong to the first token's segment (a continued stream).
+        seg_p = jnp.concatenate([jnp.repeat(segment_ids[:, :1], W - 1, axis=1), segment_ids], axis=1)
+    y = jnp.zeros((B, T, C), jnp.float32)
+    for i in range(W):
+        xs = xp[:, i : i + T].astype(jnp.float32)
+        if segment_ids is not None:
+            xs = jnp.where((seg_p[:, i : i + T] == segment_ids)[..., None], xs, 0.0)
+        y = y + xs * kernel[i].astype(jnp.float32)
+    return y.astype(x.dtype), xp[:, T:]
+
+
+class GatedDeltaNet(nnx.Module):
+    def __init__(self, config: TextConfig, *, dtype=None, param_dtype=jnp.float32, rngs: nnx.Rngs):
+        c = config
+        self.num_heads, self.head_k, self.head_v = c.num_linear_heads, c.linear_head_dim, c.linear_value_dim
+        key_dim, value_dim = self.num_heads * self.head_k, self.num_heads * self.head_v
+        self.norm_eps = c.linear_norm_eps
+        kw = dict(dtype=dtype, param_dtype=param_dtype, rngs=rngs)
+        self.q_proj = linear(c.hidden_size, key_dim, ("embed", "gdn_heads"), **kw)
+        self.k_proj = linear(c.hidden_size, key_dim, ("embed", "gdn_heads"), **kw)
+        self.v_proj = linear(c.hidden_size, value_dim, ("embed", "gdn_heads"), **kw)
+        self.a_proj = linear(c.hidden_size, self.num_heads, ("embed", "gdn_heads"), **kw)
+        self.b_proj = linear(c.hidden_size, self.num_heads, ("embed", "gdn_heads"), **kw)
+        self.g_proj = linear(c.hidden_size, value_dim, ("embed", "gdn_heads"), **kw)
+        self.o_proj = linear(value_dim, c.hidden_size, ("gdn_heads", "embed"), **kw)
+        # fla's defaults: A ~ U(0, 16), dt ~ logU(1e-3, 0.1) stored as inverse-softplus.
+        ka, kd = jax.random.split(rngs.params())
+        self.A_log = nnx.Param(jnp.log(jax.random.uniform(ka, (self.num_heads,), jnp.float32, 1.0, 16.0)).astype(param_dtype),
+                               logical_axes=("gdn_heads",))
+        dt = jnp.exp(jax.random.uniform(kd, (self.num_heads,), jnp.float32, math.log(1e-3), math.log(0.1)))
+        self.dt_bias = nnx.Param((dt + jnp.log(-jnp.expm1(-dt))).astype(param_dtype), logical_axes=("gdn_heads",))
+        # PyTorch's default depthwise Conv1d init: U(-1/sqrt(W), 1/sqrt(W)).
+        bound = 1.0 / math.sqrt(c.conv_size)
+        conv = lambda ch: nnx.Param(
+            jax.random.uniform(rngs.params(), (c.conv_size, ch), param_dtype, -bound, bound),
+            logical_axes=("conv", "gdn_heads"),
+        )
+        self.q_conv1d, self.k_conv1d, self.v_conv1d = conv(key_dim), conv(key_dim), conv(value_dim)
+        self.o_norm = nnx.Param(jnp.ones((self.head_v,), param_dtype), logical_axes=("norm",))
+
+    def gates(self, x: jax.Array) -> tuple[jax.Array, jax.Array]:
+        """``(g, beta)``, each ``[B,T,H]`` float32; g is the log-decay (<= 0)."""
+        beta = jax.nn.sigmoid(self.b_proj(x).astype(jnp.float32))
+        a = self.a_proj(x).astype(jnp.float32) + self.dt_bias[...].astype(jnp.float32)
+        g = -jnp.exp(self.A_log[...].astype(jnp.float32)) * jax.nn.softplus(a)
+        return g, beta
+
+    def qkv(self, x, segment_ids, conv_state=None):
+        """Projected, convolved and activated ``q,k [B,T,H,K]``, ``v [B,T,H,V]`` and the new conv states."""
+        B, T, _ = x.shape
+        st = (None, None, None) if conv_state is None else conv_state
+        out, new_state = [], []
+        for proj, kern, s in ((self.q_proj, self.q_conv1d, st[0]), (self.k_proj, self.k_conv1d, st[1]),
+                              (self.v_proj, self.v_conv1d, st[2])):
+            y, ns = causal_conv1d(proj(x), kern[...], segment_ids, s)
+            out.append(jax.nn.silu(y))
+            new_state.append(ns)
+        q, k, v = out
+        return (q.reshape(B, T, self.num_heads, self.head_k), k.reshape(B, T, self.num_heads, self.head_k),
+                v.reshape(B, T, self.num_heads, self.head_v), tuple(new_state))
+
+    def output(self, x: jax.Array, o: jax.Array) -> jax.Array:
+        """Per-head RMSNorm of ``o [B,T,H,V]`` times SiLU(g_proj x), then o_proj."""
+        B, T = x.shape[:2]
+        gate = jax.nn.silu(self.g_proj(x).astype(jnp.float32)).reshape(B, T, self.num_heads, self.head_v)
+        o = rms_norm(o.astype(jnp.float32), self.o_norm[...].astype(jnp.float32), self.norm_eps) * gate
+        return self.o_proj(o.reshape(B, T, -1).astype(x.dtype))
+
+    def __call__(self, x: jax.Array, *, segment_ids: jax.Array | None, **unused) -> jax.Array:
+        q, k, v, _ = self.qkv(x, segment_ids)
+        g, beta = self.gates(x)
+        o, _ = ops.gated_delta_rule(q, k, v, g, beta, segment_ids=segment_ids)
+        return self.output(x, o)

@@ -1,0 +1,78 @@
+"""The one dispatch point for the token mixers.
+
+Model code calls ``gated_delta_rule``, ``attention`` and ``attention_with_cache`` here; this module forwards to the
+kernels in ``pallas_kernels`` with the backend chosen by ``use_backends`` (default ``"auto"``: each kernel package
+picks by platform and falls back to its pure-JAX reference where no kernel can run).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import threading
+
+import jax
+
+_state = threading.local()
+_DEFAULTS = {"gdn": "auto", "attention": "auto"}
+GDN_BACKENDS = ("auto", "xla", "pallas_tpu", "pallas_gpu")
+ATTENTION_BACKENDS = ("auto", "xla", "cudnn", "pallas_tpu", "pallas_gpu")
+
+
+def _current() -> dict:
+    if not hasattr(_state, "backends"):
+        _state.backends = dict(_DEFAULTS)
+    return _state.backends
+
+
+def backend(op: str) -> str:
+    return _current()[op]
+
+
+@contextlib.contextmanager
+def use_backends(*, gdn: str | None = None, attention: str | None = None):
+    """Selects kernel backends for everything traced inside the block, e.g. ``use_backends(gdn="xla")``."""
+    if gdn is not None and gdn not in GDN_BACKENDS:
+        raise ValueError(f"unknown gdn backend {gdn!r}; choose from {GDN_BACKENDS}")
+    if attention is not None and attention not in ATTENTION_BACKENDS:
+        raise ValueError(f"unknown attention backend {attention!r}; choose from {ATTENTION_BACKENDS}")
+    saved = dict(_current())
+    if gdn is not None:
+        _current()["gdn"] = gdn
+    if attention is not None:
+        _current()["attention"] = attention
+    try:
+        yield
+    finally:
+        _state.backends = saved
+
+
+def gated_delta_rule(q, k, v, g, beta, *, segment_ids=None, initial_state=None, output_final_state=False,
+                     recurrent: bool = False):
+    """Gated delta rule with q/k L2-norm inside. q,k ``[B,T,H,K]``, v ``[B,T,H,V]``, g/beta ``[B,T,H]``.
+
+    ``recurrent=True`` uses the token-by-token form (decode, very short inputs); otherwise the chunked form.
+    Returns ``(o [B,T,H,V], final_state [B,H,K,V] float32 | None)``.
+    """
+    from pallas_kernels import gated_delta_rule as gdr
+
+    fn = gdr.fused_recurrent_gated_delta_rule if recurrent else gdr.chunk_gated_delta_rule
+    return fn(q, k, v, g, beta, initial_state=initial_state, output_final_state=output_final_state,
+              use_qk_l2norm=True, segment_ids=segment_ids, backend=backend("gdn"))
+
+
+def attention(q, k, v, *, window: int | None, segment_ids=None) -> jax.Array:
+    """Causal GQA attention; each query sees itself and the previous ``window - 1`` tokens of its segment.
+
+    q ``[B,T,Hq,D]``, k/v ``[B,T,Hkv,D]``; ``window=None`` is full causal attention (the teacher).
+    """
+    from pallas_kernels import sliding_window_attention as swa
+
+    return swa.sliding_window_attention(q, k, v, window=window, segment_ids=segment_ids, backend=backend("attention"))
+
+
+def attention_with_cache(q, k, v, cache_k, cache_v, cache_positions, q_positions, *, window: int | None) -> jax.Array:
+    """A chunk of new queries against a ring buffer of past keys/values plus the chunk itself (decode: chunk of 1)."""
+    from pallas_kernels import sliding_window_attention as swa
+
+    return swa.attend_to_cache(q, k, v, cache_k, cache_v, cache_positions, q_positions, window=window,
+                               backend=backend("attention"))
