@@ -1,0 +1,352 @@
+"""The Qwen2.5-VL vision tower (identical in the teacher and in InfiniteVL), jittable with static shapes.
+
+Everything that depends on the image sizes is computed on the host by ``vision_layout`` from ``grid_thw``: the window
+permutation of the patches, the attention segments of window and full blocks, the 2D rotary positions and the validity
+of bucket-padded rows. The traced ``VisionTower.__call__`` only gathers, multiplies and masks, so one compiled program
+serves every mix of images and videos whose patch rows fit the same bucket.
+
+Layout conventions (as the Qwen2.5-VL processor writes ``pixel_values``):
+
+- A patch row holds ``channels x temporal_patch x patch x patch`` values (1176), flattened in that order.
+- Patches of one image/video are ordered by temporal slice, then merged token (raster order over the
+  ``(h/m) x (w/m)`` merged grid), then position inside the ``m x m`` merge group (raster). So every run of
+  ``merge_unit`` consecutive rows is one merged token.
+- Window blocks attend within windows of ``window_size / patch_size / m`` merged tokens per side (partial windows at
+  the right and bottom edges), per temporal slice. Full blocks attend within each temporal slice of each image/video.
+
+Logical axis names of the parameters: ``vision_patch`` (1176 patch values), ``vision_embed`` (hidden), ``vision_heads``
+(the fused ``3 x heads x head_dim`` of ``qkv`` and the ``heads x head_dim`` input of ``proj``), ``vision_mlp``
+(SwiGLU intermediate and the merger's hidden), ``vision_merge`` (``merge_unit x hidden`` merger input) and ``embed``
+(the language model's hidden, the merger's output). The stacked block axis is added by the sharding rules.
+"""
+
+from __future__ import annotations
+
+from typing import Mapping
+
+import flax.struct
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+
+from infinitevl_jax.config import VisionConfig
+from infinitevl_jax.modeling.layers import MLP, linear
+from infinitevl_jax.modeling.norms import RMSNorm
+
+# Segment id of bucket-padding rows: real rows have ids >= 0, so they never attend to padding (and padding rows attend
+# only to each other, which keeps their outputs finite).
+PAD_SEGMENT = -1
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# Host side: validation and layout.
+
+
+def _grids(grid_thw, config: VisionConfig) -> np.ndarray:
+    grid = np.asarray(grid_thw)
+    if grid.ndim != 2 or grid.shape[1] != 3:
+        raise ValueError(f"grid_thw must have shape [n, 3] (t, h, w per image/video), got {grid.shape}")
+    if not np.issubdtype(grid.dtype, np.integer):
+        if not np.all(np.equal(np.mod(grid, 1), 0)):
+            raise ValueError(f"grid_thw must hold integers, got {grid.tolist()}")
+    grid = grid.astype(np.int64)
+    bad = np.flatnonzero((grid <= 0).any(axis=1))
+    if bad.size:
+        raise ValueError(f"grid_thw rows {bad.tolist()} have non-positive entries: {grid[bad].tolist()}")
+    m = config.spatial_merge_size
+    bad = np.flatnonzero((grid[:, 1:] % m != 0).any(axis=1))
+    if bad.size:
+        raise ValueError(
+            f"grid_thw rows {bad.tolist()} ({grid[bad].tolist()}): grid h and w must be divisible by the spatial "
+            f"merge size {m}"
+        )
+    return grid
+
+
+def check_grids(grid_thw, num_patch_rows: int, config: VisionConfig) -> np.ndarray:
+    """Validates ``grid_thw [n, 3]`` against ``num_patch_rows`` rows of ``pixel_values``; returns it as int64.
+
+    Raises ``ValueError`` naming the problem: a shape other than ``[n, 3]``, non-positive entries, grids not divisible by
+    the merge size, or ``sum(t * h * w)`` not matching the number of patch rows.
+    """
+    grid = _grids(grid_thw, config)
+    expected = int(np.prod(grid, axis=1).sum())
+    if expected != num_patch_rows:
+        raise ValueError(
+            f"grid_thw {grid.tolist()} describes sum(t*h*w) = {expected} patch rows, but pixel_values has "
+            f"{num_patch_rows}"
+        )
+    return grid
+
+
+@flax.struct.dataclass
+class VisionLayout:
+    """Host-computed index arrays for one call of the tower, over ``P`` (bucket-padded) patch rows.
+
+    ``P`` = ``pad_to`` or the real number of rows ``N``; ``M = P // merge_unit`` merged tokens. "Windowed order" is the
+    order in which the blocks see the patches.
+    """
+
+    patch_perm: jax.Array  # [P] int32: row i of the windowed order is patch row patch_perm[i].
+    token_unperm: jax.Array  # [M] int32: merged token j (original order) is row token_unperm[j] of the windowed order.
+    window_segment_ids: jax.Array  # [P] int32, windowed order: one id per window per temporal slice; padding -1.
+    full_segment_ids: jax.Array  # [P] int32, windowed order: one id per temporal slice per image/video; padding -1.
+    positions: jax.Array  # [P, 2] int32, windowed order: (h, w) patch coordinates for the 2D rotary embedding.
+    valid: jax.Array  # [P] bool, original order: False on bucket-padding rows.
+
+    @property
+    def num_rows(self) -> int:
+        return self.patch_perm.shape[0]
+
+
+def vision_layout(grid_thw, config: VisionConfig, pad_to: int | None = None) -> VisionLayout:
+    """Computes the ``VisionLayout`` of the images/videos ``grid_thw [n, 3]`` (Qwen2.5-VL ``get_window_index``).
+
+    ``pad_to`` (a multiple of ``merge_unit``, >= the real number of patch rows) bucket-pads the flat patch list.
+    """
+    grid = _grids(grid_thw, config)
+    m, unit = config.spatial_merge_size, config.merge_unit
+    win = config.window_size // (config.patch_size * m)  # merged tokens per window side
+    n = int(np.prod(grid, axis=1).sum())
+    p = n if pad_to is None else int(pad_to)
+    if p < n or p % unit:
+        raise ValueError(f"pad_to={pad_to} must be a multiple of merge_unit={unit} and >= the {n} real patch rows")
+
+    token_perm, win_seg, full_seg, pos_h, pos_w = [], [], [], [], []
+    tokens = windows = slices = 0
+    for t, h, w in grid.tolist():
+        gh, gw = h // m, w // m  # merged grid
+        nwh, nww = -(-gh // win), -(-gw // win)
+        y, x = np.meshgrid(np.arange(gh), np.arange(gw), indexing="ij")
+        window = ((y // win) * nww + x // win).ravel()  # [gh*gw] window of each merged token
+        # A stable sort by window keeps raster order inside each window, as get_window_index does.
+        order = np.argsort(window, kind="stable")
+        frames = np.arange(t)[:, None]
+        token_perm.append((frames * gh * gw + order[None] + tokens).ravel())
+        win_seg.append((frames * nwh * nww + window[order][None] + windows).ravel())
+        full_seg.append(np.broadcast_to(frames + slices, (t, gh * gw)).ravel())
+        # Patch coordinates of each (merged token, merge-group position), in windowed order.
+        iy, ix = np.divmod(np.arange(unit), m)
+        pos_h.append(np.tile((y.ravel()[order][:, None] * m + iy[None]).ravel(), t))
+        pos_w.append(np.tile((x.ravel()[order][:, None] * m + ix[None]).ravel(), t))
+        tokens += t * gh * gw
+        windows += t * nwh * nww
+        slices += t
+
+    pad_tokens = np.arange(n // unit, p // unit)
+    token_perm = np.concatenate(token_perm + [pad_tokens])
+    patch_perm = (token_perm[:, None] * unit + np.arange(unit)[None]).ravel()
+    pad_seg = np.full(p - n, PAD_SEGMENT)
+    win_seg = np.concatenate([np.repeat(np.concatenate(win_seg), unit), pad_seg])
+    full_seg = np.concatenate([np.repeat(np.concatenate(full_seg), unit), pad_seg])
+    positions = np.stack([np.concatenate(pos_h + [np.zeros(p - n, np.int64)]),
+                          np.concatenate(pos_w + [np.zeros(p - n, np.int64)])], axis=-1)
+    return VisionLayout(
+        patch_perm=jnp.asarray(patch_perm, jnp.int32),
+        token_unperm=jnp.asarray(np.argsort(token_perm), jnp.int32),
+        window_segment_ids=jnp.asarray(win_seg, jnp.int32),
+        full_segment_ids=jnp.asarray(full_seg, jnp.int32),
+        positions=jnp.asarray(positions, jnp.int32),
+        valid=jnp.asarray(np.arange(p) < n),
+    )
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# Traced side.
+
+
+def segment_attention(q: jax.Array, k: jax.Array, v: jax.Array, segment_ids: jax.Array) -> jax.Array:
+    """Bidirectional attention within equal segment ids; the one place a faster kernel plugs in.
+
+    q, k, v: ``[seq, heads, head_dim]``; segment_ids: ``[seq]`` int. Dense: logits and softmax in float32. Every row
+    sees at least itself, so no row is fully masked. Returns ``[seq, heads, head_dim]`` in ``v.dtype``.
+    """
+    scale = q.shape[-1] ** -0.5
+    logits = jnp.einsum("qhd,khd->hqk", q, k, preferred_element_type=jnp.float32) * scale
+    mask = segment_ids[:, None] == segment_ids[None, :]
+    logits = jnp.where(mask[None], logits, jnp.finfo(jnp.float32).min)
+    probs = jax.nn.softmax(logits, axis=-1)
+    return jnp.einsum("hqk,khd->qhd", probs.astype(v.dtype), v, preferred_element_type=jnp.float32).astype(v.dtype)
+
+
+def rotary_tables(positions: jax.Array, head_dim: int, theta: float) -> tuple[jax.Array, jax.Array]:
+    """2D rotary ``cos, sin [seq, head_dim]`` (float32) from ``(h, w)`` positions ``[seq, 2]``.
+
+    The first half of the rotated features uses ``head_dim/4`` frequencies of h then the same of w; the second half
+    repeats it (rotate-half convention).
+    """
+    inv_freq = 1.0 / theta ** (jnp.arange(0, head_dim // 2, 2, dtype=jnp.float32) / (head_dim // 2))
+    angles = positions.astype(jnp.float32)[:, :, None] * inv_freq  # [seq, 2, head_dim/4]
+    angles = angles.reshape(positions.shape[0], -1)  # [seq, head_dim/2]: h frequencies, then w frequencies
+    angles = jnp.concatenate([angles, angles], axis=-1)
+    return jnp.cos(angles), jnp.sin(angles)
+
+
+def _apply_rotary(x: jax.Array, cos: jax.Array, sin: jax.Array) -> jax.Array:
+    """``x [seq, heads, head_dim]`` rotated in float32 and cast back."""
+    x32 = x.astype(jnp.float32)
+    x1, x2 = jnp.split(x32, 2, axis=-1)
+    rotated = jnp.concatenate([-x2, x1], axis=-1)
+    return (x32 * cos[:, None] + rotated * sin[:, None]).astype(x.dtype)
+
+
+class VisionAttention(nnx.Module):
+    """Fused ``qkv`` (bias), 2D rotary on q and k, segment attention, ``proj`` (bias)."""
+
+    def __init__(self, config: VisionConfig, *, dtype=None, param_dtype=jnp.float32, rngs: nnx.Rngs):
+        kw = dict(use_bias=True, dtype=dtype, param_dtype=param_dtype, rngs=rngs)
+        self.num_heads = config.num_heads
+        self.qkv = linear(config.hidden_size, 3 * config.hidden_size, ("vision_embed", "vision_heads"), **kw)
+        self.proj = linear(config.hidden_size, config.hidden_size, ("vision_heads", "vision_embed"), **kw)
+
+    def __call__(self, x: jax.Array, cos: jax.Array, sin: jax.Array, segment_ids: jax.Array) -> jax.Array:
+        seq = x.shape[0]
+        q, k, v = jnp.moveaxis(self.qkv(x).reshape(seq, 3, self.num_heads, -1), 1, 0)
+        q, k = _apply_rotary(q, cos, sin), _apply_rotary(k, cos, sin)
+        return self.proj(segment_attention(q, k, v, segment_ids).reshape(seq, -1))
+
+
+class VisionBlock(nnx.Module):
+    """Pre-norm residual block: ``x + attn(norm1(x))``, then ``x + mlp(norm2(x))`` (SwiGLU with bias)."""
+
+    def __init__(self, config: VisionConfig, *, dtype=None, param_dtype=jnp.float32, rngs: nnx.Rngs):
+        axes = ("vision_embed",)
+        self.norm1 = RMSNorm(config.hidden_size, eps=config.rms_norm_eps, axes=axes, param_dtype=param_dtype)
+        self.attn = VisionAttention(config, dtype=dtype, param_dtype=param_dtype, rngs=rngs)
+        self.norm2 = RMSNorm(config.hidden_size, eps=config.rms_norm_eps, axes=axes, param_dtype=param_dtype)
+        self.mlp = MLP(config.hidden_size, config.intermediate_size, use_bias=True, axes=("vision_embed", "vision_mlp"),
+                       dtype=dtype, param_dtype=param_dtype, rngs=rngs)
+
+    def __call__(self, x: jax.Array, cos: jax.Array, sin: jax.Array, segment_ids: jax.Array) -> jax.Array:
+        x = x + self.attn(self.norm1(x), cos, sin, segment_ids)
+        return x + self.mlp(self.norm2(x))
+
+
+class PatchMerger(nnx.Module):
+    """``RMSNorm(hidden)``, concatenation of each ``m x m`` group, ``Linear -> GELU (exact) -> Linear``."""
+
+    def __init__(self, config: VisionConfig, *, dtype=None, param_dtype=jnp.float32, rngs: nnx.Rngs):
+        merged = config.hidden_size * config.merge_unit
+        kw = dict(use_bias=True, dtype=dtype, param_dtype=param_dtype, rngs=rngs)
+        self.merge_unit = config.merge_unit
+        self.ln_q = RMSNorm(config.hidden_size, eps=config.rms_norm_eps, axes=("vision_embed",), param_dtype=param_dtype)
+        self.mlp_0 = linear(merged, merged, ("vision_merge", "vision_mlp"), **kw)
+        self.mlp_2 = linear(merged, config.out_hidden_size, ("vision_mlp", "embed"), **kw)
+
+    def __call__(self, x: jax.Array) -> jax.Array:
+        x = self.ln_q(x).reshape(x.shape[0] // self.merge_unit, -1)
+        return self.mlp_2(jax.nn.gelu(self.mlp_0(x), approximate=False))
+
+
+@nnx.scan(in_axes=(0, nnx.Carry, 0, None), out_axes=nnx.Carry)
+def _run_blocks(block: VisionBlock, x: jax.Array, is_full: jax.Array, context) -> jax.Array:
+    cos, sin, window_segments, full_segments = context
+    return block(x, cos, sin, jnp.where(is_full, full_segments, window_segments))
+
+
+class VisionTower(nnx.Module):
+    """Qwen2.5-VL vision transformer: ``pixel_values [P, patch_dim]`` -> merged tokens ``[P // merge_unit, out]``.
+
+    The ``depth`` blocks are one stacked module (leading axis ``depth``) run with ``nnx.scan``, so compile time does not
+    grow with depth; window and full-attention blocks differ only in the segment ids they receive.
+    """
+
+    def __init__(self, config: VisionConfig, *, dtype=None, param_dtype=jnp.float32, rngs: nnx.Rngs):
+        config.validate()
+        self.config = config
+        self.dtype = dtype
+        kw = dict(dtype=dtype, param_dtype=param_dtype)
+        self.patch_embed = linear(config.patch_dim, config.hidden_size, ("vision_patch", "vision_embed"), rngs=rngs,
+                                  **kw)
+
+        @nnx.split_rngs(splits=config.depth)
+        @nnx.vmap(in_axes=(0,), out_axes=0)
+        def make_blocks(rngs: nnx.Rngs) -> VisionBlock:
+            return VisionBlock(config, rngs=rngs, **kw)
+
+        self.blocks = make_blocks(rngs)
+        self.merger = PatchMerger(config, rngs=rngs, **kw)
+
+    def __call__(self, pixel_values: jax.Array, layout: VisionLayout) -> jax.Array:
+        """``pixel_values [P, patch_dim]`` (rows in processor order, bucket padding at the end) -> ``[P // merge_unit,
+        out_hidden]`` in the original merged-token order; rows of padding tokens hold finite values of no meaning."""
+        cfg = self.config
+        if pixel_values.ndim != 2 or pixel_values.shape != (layout.num_rows, cfg.patch_dim):
+            raise ValueError(
+                f"pixel_values has shape {pixel_values.shape}, expected [{layout.num_rows}, {cfg.patch_dim}] "
+                f"(rows of the layout, values per patch)"
+            )
+        # Zeroing padding rows keeps garbage (even NaN) there from reaching real rows through 0 * NaN.
+        x = jnp.where(layout.valid[:, None], pixel_values, 0)
+        x = self.patch_embed(x.astype(self.dtype) if self.dtype is not None else x)
+        x = x[layout.patch_perm]
+        cos, sin = rotary_tables(layout.positions, cfg.head_dim, cfg.rope_theta)
+        is_full = jnp.isin(jnp.arange(cfg.depth), jnp.asarray(cfg.fullatt_block_indexes, jnp.int32))
+        x = _run_blocks(self.blocks, x, is_full, (cos, sin, layout.window_segment_ids, layout.full_segment_ids))
+        return self.merger(x)[layout.token_unperm]
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# Hugging Face state dict.
+
+
+def _hf_name_map(config: VisionConfig) -> tuple[dict, dict]:
+    """``{hf block-relative name: (our path, HF shape, transpose)}`` for one block, plus the unstacked tensors."""
+    h, i, merged = config.hidden_size, config.intermediate_size, config.hidden_size * config.merge_unit
+
+    def lin(path, out_f, in_f):
+        return {"weight": (path + ("kernel",), (out_f, in_f), True), "bias": (path + ("bias",), (out_f,), False)}
+
+    block = {"norm1.weight": (("norm1", "scale"), (h,), False), "norm2.weight": (("norm2", "scale"), (h,), False)}
+    for hf, ours, out_f, in_f in [("attn.qkv", ("attn", "qkv"), 3 * h, h), ("attn.proj", ("attn", "proj"), h, h),
+                                  ("mlp.gate_proj", ("mlp", "gate_proj"), i, h), ("mlp.up_proj", ("mlp", "up_proj"), i, h),
+                                  ("mlp.down_proj", ("mlp", "down_proj"), h, i)]:
+        block.update({f"{hf}.{k}": v for k, v in lin(ours, out_f, in_f).items()})
+    top = {"merger.ln_q.weight": (("merger", "ln_q", "scale"), (h,), False)}
+    top.update({f"merger.mlp.0.{k}": v for k, v in lin(("merger", "mlp_0"), merged, merged).items()})
+    top.update({f"merger.mlp.2.{k}": v for k, v in lin(("merger", "mlp_2"), config.out_hidden_size, merged).items()})
+    return block, top
+
+
+def vision_params_from_hf(tensors: Mapping[str, np.ndarray], config: VisionConfig) -> dict:
+    """Maps Hugging Face vision tensors (names relative to the tower: ``patch_embed.proj.weight``, ``blocks.N.…``,
+    ``merger.…``) to a nested dict shaped like ``nnx.state(VisionTower)`` (blocks stacked on a leading ``depth`` axis).
+
+    Linear weights ``[out, in]`` become kernels ``[in, out]``; the Conv3d patch embedding, whose stride equals its
+    kernel, is the linear map of the flattened patch row. Raises one ``ValueError`` listing every missing, unexpected
+    and mis-shaped tensor. Values keep their dtype.
+    """
+    block_map, top_map = _hf_name_map(config)
+    h = config.hidden_size
+    patch_shape = (h, config.in_channels, config.temporal_patch_size, config.patch_size, config.patch_size)
+    expected = {"patch_embed.proj.weight": patch_shape}
+    expected.update({k: v[1] for k, v in top_map.items()})
+    for n in range(config.depth):
+        expected.update({f"blocks.{n}.{k}": v[1] for k, v in block_map.items()})
+
+    missing = sorted(set(expected) - set(tensors))
+    unexpected = sorted(set(tensors) - set(expected))
+    misshaped = sorted(f"{k}: {tuple(np.shape(tensors[k]))} (expected {expected[k]})" for k in expected
+                       if k in tensors and tuple(np.shape(tensors[k])) != expected[k])
+    if missing or unexpected or misshaped:
+        raise ValueError("vision tower state dict does not match the config:" +
+                         "".join(f"\n  {label}: {items}" for label, items in
+                                 [("missing", missing), ("unexpected", unexpected), ("mis-shaped", misshaped)] if items))
+
+    params: dict = {}
+
+    def put(path, value):
+        node = params
+        for key in path[:-1]:
+            node = node.setdefault(key, {})
+        node[path[-1]] = value
+
+    put(("patch_embed", "kernel"), np.asarray(tensors["patch_embed.proj.weight"]).reshape(h, -1).T)
+    for name, (path, _, transpose) in top_map.items():
+        value = np.asarray(tensors[name])
+        put(path, value.T if transpose else value)
+    for name, (path, _, transpose) in block_map.items():
+        value = np.stack([np.asarray(tensors[f"blocks.{n}.{name}"]) for n in range(config.depth)])
+        put(("blocks",) + path, np.swapaxes(value, 1, 2) if transpose else value)
+    return params
