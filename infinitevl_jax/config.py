@@ -259,9 +259,7 @@ _IGNORED_HF_KEYS = {
     "output_router_logits", "chunk_size", "num_heads", "allow_neg_eigval", "qk_norm", "norm_first", "elementwise_affine",
 }
 
-_IGNORED_VISION_KEYS = {
-    "model_type", "torch_dtype", "dtype", "initializer_range", "hidden_act", "_name_or_path", "architectures",
-    "transformers_version", "depth", "hidden_size", "intermediate_size", "num_heads", "in_channels", "in_chans",
+_IGNORED_VISION_KEYS = _IGNORED_HF_KEYS | { "depth", "hidden_size", "intermediate_size", "num_heads", "in_channels", "in_chans",
     "patch_size", "temporal_patch_size", "spatial_merge_size", "spatial_patch_size", "window_size", "out_hidden_size",
     "fullatt_block_indexes", "tokens_per_second", "rope_parameters", "embed_dim", "num_hidden_layers",
     "num_attention_heads",

@@ -53,7 +53,7 @@ class InfiniteVLForConditionalGeneration(nnx.Module):
         self.visual = VisionTower(config.vision, dtype=dtype, param_dtype=param_dtype, rngs=rngs)
         self.language_model = LanguageModel(config.text, dtype=dtype, param_dtype=param_dtype,
                                             remat_policy=remat_policy, rngs=rngs)
-        self.lm_head = None
+        self.lm_head = nnx.data(None)
         if not config.text.tie_word_embeddings:
             self.lm_head = linear(config.text.hidden_size, config.text.vocab_size, ("embed", "vocab"), dtype=dtype,
                                   param_dtype=param_dtype, rngs=rngs)
