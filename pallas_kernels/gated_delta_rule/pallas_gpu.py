@@ -1,0 +1,103 @@
+"""GPU backend through the Pallas Triton lowering (sm80+).
+
+Triton programs of one launch run concurrently, so the sequential passes cannot use a grid axis over chunks:
+each program owns one head and one slice of BV value columns, loops over the chunks with `lax.fori_loop` and
+keeps its [K, BV] float32 state in registers (V' and O are column-separable given W and U, so the value
+columns split into independent programs). The chunk-parallel stages share their bodies with the TPU backend.
+"""
+
+from __future__ import annotations
+
+import functools
+
+import jax
+import jax.numpy as jnp
+from jax.experimental import pallas as pl
+
+from .. import _compat
+from . import chunk_math as cm
+from . import pallas_common
+
+BV = 64  # value columns per program of the sequential passes
+
+
+def wu(k, v, gam, beta, m, seg, *, chunk_size):
+  return pallas_common.wu_call(k, v, gam, beta, m, seg, chunk_size=chunk_size,
+                               compiler_params=_compat.triton_params(num_warps=4, num_stages=2),
+                               interpret=_compat.gpu_interpret())
+
+
+def grads(q, k, v, gam, beta, m, seg, h, dh, do, *, chunk_size):
+  return pallas_common.grads_call(q, k, v, gam, beta, m, seg, h, dh, do, chunk_size=chunk_size,
+                                  compiler_params=_compat.triton_params(num_warps=8, num_stages=1),
+                                  interpret=_compat.gpu_interpret())
+
+
+def _forward_kernel(q_ref, k_ref, w_ref, u_ref, gam_ref, m_ref, seg_ref, h0_ref, o_ref, hT_ref, *rest, C, NT):
+  h_ref = rest[0] if rest else None
+
+  def body(c, S):
+    sl = pl.ds(pl.multiple_of(c * C, C), C)
+    if h_ref is not None:
+      h_ref[c] = S.astype(h_ref.dtype)
+    o, S1 = cm.chunk_forward(q_ref[sl, :], k_ref[sl, :], w_ref[sl, :], u_ref[sl, :], gam_ref[sl, :],
+                             m_ref[sl, :], seg_ref[sl, :], S)
+    o_ref[sl, :] = o.astype(o_ref.dtype)
+    return S1
+
+  hT_ref[...] = jax.lax.fori_loop(0, NT, body, h0_ref[...].astype(jnp.float32))
+
+
+def forward(q, k, w, u, gam, m, seg, h0, store, *, chunk_size):
+  N, Tp, K = q.shape
+  V = u.shape[-1]
+  C = chunk_size
+  NT = Tp // C
+  bv = min(BV, V)
+  full = lambda d: pl.BlockSpec((None, Tp, d), lambda n, j: (n, 0, 0))
+  cols = pl.BlockSpec((None, Tp, bv), lambda n, j: (n, 0, j))
+  st = pl.BlockSpec((None, K, bv), lambda n, j: (n, 0, j))
+  out_specs = [cols, st]
+  out_shape = [jax.ShapeDtypeStruct((N, Tp, V), q.dtype), jax.ShapeDtypeStruct((N, K, V), jnp.float32)]
+  if store:
+    out_specs.append(pl.BlockSpec((None, NT, K, bv), lambda n, j: (n, 0, 0, j)))
+    out_shape.append(jax.ShapeDtypeStruct((N, NT, K, V), q.dtype))
+  out = pl.pallas_call(
+      functools.partial(_forward_kernel, C=C, NT=NT), grid=(N, V // bv),
+      in_specs=[full(K), full(K), full(K), cols, full(1), full(1), full(1), st],
+      out_specs=out_specs, out_shape=out_shape,
+      compiler_params=_compat.triton_params(num_warps=4, num_stages=2), interpret=_compat.gpu_interpret(),
+      name="gdn_fwd_state",
+  )(q, k, w, u, gam, m, seg, h0)
+  return out[0], out[1], (out[2] if store else None)
+
+
+def _backward_state_kernel(q_ref, k_ref, w_ref, do_ref, gam_ref, m_ref, seg_ref, dhT_ref, dh_ref, dh0_ref, *,
+                           C, NT):
+  def body(i, dS):
+    c = NT - 1 - i
+    sl = pl.ds(pl.multiple_of(c * C, C), C)
+    dh_ref[c] = dS.astype(dh_ref.dtype)
+    return cm.chunk_backward_state(q_ref[sl, :], k_ref[sl, :], w_ref[sl, :], do_ref[sl, :], gam_ref[sl, :],
+                                   m_ref[sl, :], seg_ref[sl, :], dS)
+
+  dh0_ref[...] = jax.lax.fori_loop(0, NT, body, dhT_ref[...].astype(jnp.float32))
+
+
+def backward_state(q, k, w, do, gam, m, seg, dhT, *, chunk_size):
+  N, Tp, K = q.shape
+  V = do.shape[-1]
+  C = chunk_size
+  NT = Tp // C
+  bv = min(BV, V)
+  full = lambda d: pl.BlockSpec((None, Tp, d), lambda n, j: (n, 0, 0))
+  cols = pl.BlockSpec((None, Tp, bv), lambda n, j: (n, 0, j))
+  st = pl.BlockSpec((None, K, bv), lambda n, j: (n, 0, j))
+  return pl.pallas_call(
+      functools.partial(_backward_state_kernel, C=C, NT=NT), grid=(N, V // bv),
+      in_specs=[full(K), full(K), full(K), cols, full(1), full(1), full(1), st],
+      out_specs=[pl.BlockSpec((None, NT, K, bv), lambda n, j: (n, 0, 0, j)), st],
+      out_shape=[jax.ShapeDtypeStruct((N, NT, K, V), q.dtype), jax.ShapeDtypeStruct((N, K, V), jnp.float32)],
+      compiler_params=_compat.triton_params(num_warps=4, num_stages=2), interpret=_compat.gpu_interpret(),
+      name="gdn_bwd_state",
+  )(q, k, w, do, gam, m, seg, dhT)
