@@ -14,6 +14,7 @@ import sys
 # (name, module, one-line help). The module's ``register`` is imported only when the subcommand is used.
 SUBCOMMANDS: list[tuple[str, str, str]] = [
     ("info", "infinitevl_jax.cli_info", "print a config's layer pattern and parameter count"),
+    ("make-synthetic", "infinitevl_jax.data.synthetic", "write the procedural image/video Q&A dataset"),
 ]
 
 

@@ -88,17 +88,17 @@ def build_tiny_tokenizer(config: InfiniteVLConfig) -> tokenizers.Tokenizer:
     space = symbols[ord(" ")]
     vocab = {s: i for i, s in enumerate(symbols)}
     merges: list[tuple[str, str]] = []
+    ranks: dict[tuple[str, str], int] = {}
     for word in WORDS:
-        for spelled in (word, space + word):
-            current = spelled[0]
-            for ch in spelled[1:]:
-                if len(vocab) >= base:
-                    break
-                merged = current + ch
-                if merged not in vocab:
-                    vocab[merged] = len(vocab)
-                    merges.append((current, ch))
-                current = merged
+        for spelled in (space + word, word):
+            # Merge the word's current BPE pieces left to right so that it always encodes to one token.
+            pieces = _apply_merges(list(spelled), ranks)
+            while len(pieces) > 1 and len(vocab) < base:
+                pair = (pieces[0], pieces[1])
+                ranks[pair] = len(merges)
+                merges.append(pair)
+                vocab[pair[0] + pair[1]] = len(vocab)
+                pieces = [pair[0] + pair[1], *pieces[2:]]
     # Unused ids below the special tokens (never produced by encoding).
     while len(vocab) < base:
         vocab[f"<unused_{len(vocab)}>"] = len(vocab)
@@ -112,6 +112,16 @@ def build_tiny_tokenizer(config: InfiniteVLConfig) -> tokenizers.Tokenizer:
     for text, i in specials.items():
         assert tk.token_to_id(text) == i, (text, i, tk.token_to_id(text))
     return tk
+
+
+def _apply_merges(pieces: list[str], ranks: dict[tuple[str, str], int]) -> list[str]:
+    """BPE on one pre-token: repeatedly merge the adjacent pair of lowest rank."""
+    while len(pieces) > 1:
+        best = min(range(len(pieces) - 1), key=lambda i: ranks.get((pieces[i], pieces[i + 1]), 1 << 30))
+        if (pieces[best], pieces[best + 1]) not in ranks:
+            break
+        pieces = [*pieces[:best], pieces[best] + pieces[best + 1], *pieces[best + 2:]]
+    return pieces
 
 
 def write_tiny_processor_dir(path: str | os.PathLike, config: InfiniteVLConfig, *, min_pixels: int = 56 * 56,
