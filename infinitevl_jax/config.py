@@ -242,27 +242,20 @@ def _strict_dataclass(klass, values: Mapping[str, Any], where: str):
 # Hugging Face config.json
 # ---------------------------------------------------------------------------------------------------------------
 
-# Keys that carry no model information (loading, tooling, generation defaults).
-_IGNORED_HF_KEYS = {
-    "architectures", "auto_map", "torch_dtype", "dtype", "transformers_version", "use_cache", "initializer_range",
-    "max_position_embeddings", "max_window_layers", "model_type", "_name_or_path", "attention_dropout", "hidden_act",
-    "image_token_index", "video_token_index", "is_encoder_decoder", "output_attentions", "output_hidden_states",
-    "return_dict", "pruned_heads", "chunk_size_feed_forward", "id2label", "label2id", "problem_type", "tokenizer_class",
-    "task_specific_params", "use_return_dict", "fuse_mode", "attn_mode", "mode", "use_cache_position",
-    "initializer_factor", "use_sliding_window", "vision_token_id", "rope_scaling", "rope_parameters", "rope_theta",
-    "text_config", "vision_config", "rope_type", "pad_token_id", "bos_token_id", "eos_token_id",
-    "vision_start_token_id", "vision_end_token_id", "image_token_id", "video_token_id", "layer_types", "head_dim",
-    "sliding_window", "tie_word_embeddings", "num_linear_heads", "num_linear_key_value_heads", "linear_head_dim",
-    "expand_v", "conv_size", "use_gate", "use_short_conv", "norm_eps", "vocab_size", "hidden_size",
-    "intermediate_size", "num_hidden_layers", "num_attention_heads", "num_key_value_heads", "rms_norm_eps",
-    "layer_norm_eps", "attention_bias", "pretraining_tp", "mlp_bias", "sub_configs", "base_config_key",
-    "output_router_logits", "chunk_size", "num_heads", "allow_neg_eigval", "qk_norm", "norm_first", "elementwise_affine",
+# Keys this reader interprets; every other key (auto_map, torch_dtype, use_cache, ...) carries no model information
+# and is ignored with one warning listing them.
+_TEXT_KEYS = {
+    "model_type", "text_config", "vision_config", "hidden_act", "rope_scaling", "rope_parameters", "rope_theta",
+    "num_hidden_layers", "hidden_size", "intermediate_size", "num_attention_heads", "num_key_value_heads", "head_dim",
+    "rms_norm_eps", "vocab_size", "sliding_window", "use_sliding_window", "max_window_layers", "layer_types",
+    "tie_word_embeddings", "num_linear_heads", "num_linear_key_value_heads", "linear_head_dim", "expand_v",
+    "conv_size", "use_gate", "use_short_conv", "norm_eps", "pad_token_id", "bos_token_id", "eos_token_id",
+    "vision_start_token_id", "vision_end_token_id", "vision_token_id", "image_token_id", "video_token_id",
 }
-
-_IGNORED_VISION_KEYS = _IGNORED_HF_KEYS | { "depth", "hidden_size", "intermediate_size", "num_heads", "in_channels", "in_chans",
-    "patch_size", "temporal_patch_size", "spatial_merge_size", "spatial_patch_size", "window_size", "out_hidden_size",
-    "fullatt_block_indexes", "tokens_per_second", "rope_parameters", "embed_dim", "num_hidden_layers",
-    "num_attention_heads",
+_VISION_KEYS = {
+    "hidden_act", "depth", "num_hidden_layers", "hidden_size", "embed_dim", "intermediate_size", "num_heads",
+    "num_attention_heads", "in_channels", "in_chans", "patch_size", "spatial_patch_size", "temporal_patch_size",
+    "spatial_merge_size", "window_size", "out_hidden_size", "fullatt_block_indexes", "tokens_per_second",
 }
 
 
@@ -276,10 +269,9 @@ def _from_hf_dict(raw: Mapping[str, Any]) -> InfiniteVLConfig:
         text_raw = {**{k: v for k, v in raw.items() if k != "text_config"}, **raw["text_config"]}
     vision_raw = dict(raw.get("vision_config") or {})
 
-    for key in sorted(set(text_raw) - _IGNORED_HF_KEYS):
-        logger.warning("config.json key %r does not affect the model and is ignored", key)
-    for key in sorted(set(vision_raw) - _IGNORED_VISION_KEYS):
-        logger.warning("config.json vision_config key %r does not affect the model and is ignored", key)
+    ignored = sorted(set(text_raw) - _TEXT_KEYS) + [f"vision_config.{k}" for k in sorted(set(vision_raw) - _VISION_KEYS)]
+    if ignored:
+        logger.warning("config.json keys that do not affect the model are ignored: %s", ", ".join(ignored))
 
     act = text_raw.get("hidden_act", "silu")
     if act != "silu":
