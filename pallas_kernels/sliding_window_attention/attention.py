@@ -84,12 +84,15 @@ def attend_to_cache(q, k, v, cache_k, cache_v, cache_positions, q_positions, *, 
   cache ``cache_k, cache_v [B,L,Hkv,D]`` with slot positions ``cache_positions [B,L]`` (-1 empty)
   and query positions ``q_positions [B,C]`` (-1 padding). See ``cache.py`` for the rule."""
   if backend == "auto":
-    backend = "pallas" if _platform() in ("gpu", "cuda", "tpu") else "xla"
-  if backend in ("pallas", "pallas_gpu", "pallas_tpu") and hasattr(_cache, "attend_to_cache_pallas"):
+    on_gpu = _platform() in ("gpu", "cuda") and _gpu_capability() >= (8, 0)
+    backend = "pallas_gpu" if on_gpu else "xla"
+  if backend == "pallas_gpu":
     return _cache.attend_to_cache_pallas(q, k, v, cache_k, cache_v, cache_positions, q_positions,
                                          window=window, scale=scale)
-  return _cache.attend_to_cache_reference(q, k, v, cache_k, cache_v, cache_positions, q_positions,
-                                          window=window, scale=scale)
+  if backend == "xla":  # also the TPU path: a chunk against <= window keys is one fused op
+    return _cache.attend_to_cache_reference(q, k, v, cache_k, cache_v, cache_positions,
+                                            q_positions, window=window, scale=scale)
+  raise ValueError(f"unknown attend_to_cache backend {backend!r}; expected auto, xla, pallas_gpu")
 
 
 ring_buffer_write = _cache.ring_buffer_write

@@ -13,7 +13,14 @@ Call ``attend_to_cache`` before ``ring_buffer_write`` for the same chunk.
 
 from __future__ import annotations
 
+import functools
+import math
+
+import jax
 import jax.numpy as jnp
+from jax import lax
+from jax.experimental import pallas as pl
+from jax.experimental.pallas import triton as plgpu
 
 from pallas_kernels.sliding_window_attention.reference import masked_softmax_attention, visible
 
@@ -61,3 +68,101 @@ def init_ring_buffer(batch, length, kv_heads, head_dim, dtype=jnp.bfloat16):
   """An empty cache: zeros and every position -1."""
   z = jnp.zeros((batch, length, kv_heads, head_dim), dtype)
   return z, z, jnp.full((batch, length), -1, jnp.int32)
+
+
+# ----------------------------------------------------------------------------- GPU kernel
+
+_NEG = -1e30
+
+
+def _cache_kernel(q_ref, qp_ref, ck_ref, cv_ref, cp_ref, k_ref, v_ref, kp_ref, o_ref, *,
+                  qk_scale, window, bq, bk, length, chunk):
+  q = q_ref[...]
+  qpos = qp_ref[...][:, None]
+  d = q.shape[-1]
+
+  def step(carry, k, v, kpos, extra_mask):
+    acc, m_i, l_i = carry
+    s = lax.dot_general(q, k, (((1,), (1,)), ((), ())), preferred_element_type=jnp.float32)
+    vis = extra_mask & (kpos >= 0) & (qpos >= 0)
+    if window is not None:
+      vis &= kpos > qpos - window
+    s = jnp.where(vis, s * qk_scale, _NEG)
+    m_new = jnp.maximum(m_i, jnp.max(s, axis=1))
+    alpha = jnp.exp2(m_i - m_new)
+    p = jnp.exp2(s - m_new[:, None])
+    l_i = l_i * alpha + jnp.sum(p, axis=1)
+    acc = acc * alpha[:, None] + jnp.dot(p.astype(v.dtype), v, preferred_element_type=jnp.float32)
+    return acc, m_new, l_i
+
+  def cache_body(j, carry):
+    # the last block is shifted back to end at L (no out-of-range reads); slots it shares
+    # with the previous block are masked out by `fresh`
+    k0 = jnp.minimum(j * bk, length - bk)
+    slot = k0 + lax.broadcasted_iota(jnp.int32, (1, bk), 1)
+    kpos = cp_ref[pl.ds(k0, bk)][None, :]
+    fresh = slot >= j * bk
+    return step(carry, ck_ref[pl.ds(k0, bk), :], cv_ref[pl.ds(k0, bk), :], kpos,
+                fresh & (kpos < qpos))
+
+  def chunk_body(j, carry):
+    k0 = pl.multiple_of(j * bk, bk)
+    kpos = kp_ref[pl.ds(k0, bk)][None, :]
+    return step(carry, k_ref[pl.ds(k0, bk), :], v_ref[pl.ds(k0, bk), :], kpos, kpos <= qpos)
+
+  carry = (jnp.zeros((bq, d), jnp.float32), jnp.full((bq,), _NEG, jnp.float32),
+           jnp.zeros((bq,), jnp.float32))
+  carry = lax.fori_loop(0, pl.cdiv(length, bk), cache_body, carry)
+  acc, _, l_i = lax.fori_loop(0, chunk // bk, chunk_body, carry)
+  o_ref[...] = (acc / jnp.where(l_i == 0.0, 1.0, l_i)[:, None]).astype(o_ref.dtype)
+
+
+def attend_to_cache_pallas(q, k, v, cache_k, cache_v, cache_positions, q_positions, *, window,
+                           scale=None, block_q=16, block_k=64, num_warps=4, num_stages=2,
+                           interpret=False):
+  """Pallas (Triton) kernel for ``attend_to_cache``: one program per (batch, kv head, block of
+  query rows), where the rows are the chunk's queries times the ``Hq // Hkv`` heads sharing
+  the kv head, so the cache is read once per kv head (decode is bound by that read)."""
+  b, c, hq, d = q.shape
+  hkv = k.shape[2]
+  g = hq // hkv
+  length = cache_k.shape[1]
+  scale = d ** -0.5 if scale is None else scale
+  # rows r = (chunk index, head in group): [B, Hkv, C*G, D]
+  rows = jnp.transpose(q.reshape(b, c, hkv, g, d), (0, 2, 1, 3, 4)).reshape(b, hkv, c * g, d)
+  rpos = jnp.repeat(q_positions.astype(jnp.int32), g, axis=1)
+  r = rows.shape[2]
+  rp = -(-r // block_q) * block_q
+  rows = jnp.pad(rows, ((0, 0), (0, 0), (0, rp - r), (0, 0)))
+  rpos = jnp.pad(rpos, ((0, 0), (0, rp - r)), constant_values=-1)
+  cp = -(-c // block_k) * block_k
+  kpos = jnp.pad(q_positions.astype(jnp.int32), ((0, 0), (0, cp - c)), constant_values=-1)
+  pad_c = lambda x: jnp.pad(x, ((0, 0), (0, cp - c), (0, 0), (0, 0)))
+  k, v = pad_c(k), pad_c(v)
+  cpos = cache_positions.astype(jnp.int32)
+  if length < block_k:  # tiny buffers: pad (empty slots) so one block fits
+    extra = block_k - length
+    cache_k = jnp.pad(cache_k, ((0, 0), (0, extra), (0, 0), (0, 0)))
+    cache_v = jnp.pad(cache_v, ((0, 0), (0, extra), (0, 0), (0, 0)))
+    cpos = jnp.pad(cpos, ((0, 0), (0, extra)), constant_values=-1)
+    length = block_k
+  kv_spec = lambda n: pl.BlockSpec((None, n, None, d), lambda bh, i: (bh // hkv, 0, bh % hkv, 0))
+  pos_spec = lambda n: pl.BlockSpec((None, n), lambda bh, i: (bh // hkv, 0))
+  row_spec = pl.BlockSpec((None, None, block_q, d), lambda bh, i: (bh // hkv, bh % hkv, i, 0))
+  kernel = functools.partial(_cache_kernel, qk_scale=scale * math.log2(math.e), window=window,
+                             bq=block_q, bk=block_k, length=length, chunk=cp)
+  o = pl.pallas_call(
+      kernel,
+      grid=(b * hkv, rp // block_q),
+      in_specs=[row_spec, pl.BlockSpec((None, block_q), lambda bh, i: (bh // hkv, i)),
+                kv_spec(length), kv_spec(length), pos_spec(length),
+                kv_spec(cp), kv_spec(cp), pos_spec(cp)],
+      out_specs=row_spec,
+      out_shape=jax.ShapeDtypeStruct(rows.shape, q.dtype),
+      compiler_params=plgpu.CompilerParams(num_warps=num_warps, num_stages=num_stages),
+      interpret=interpret,
+      name="swa_attend_to_cache",
+  )(rows, rpos, cache_k, cache_v.astype(cache_k.dtype), cpos, k.astype(cache_k.dtype),
+    v.astype(cache_k.dtype), kpos)
+  o = o[:, :, :r].reshape(b, hkv, c, g, d)
+  return jnp.transpose(o, (0, 2, 1, 3, 4)).reshape(b, c, hq, d)
