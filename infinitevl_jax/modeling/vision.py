@@ -282,7 +282,7 @@ class VisionTower(nnx.Module):
         x = self.patch_embed(x.astype(self.dtype) if self.dtype is not None else x)
         x = x[layout.patch_perm]
         cos, sin = rotary_tables(layout.positions, cfg.head_dim, cfg.rope_theta)
-        is_full = jnp.isin(jnp.arange(cfg.depth), jnp.asarray(cfg.fullatt_block_indexes, jnp.int32))
+        is_full = jnp.asarray(np.isin(np.arange(cfg.depth), cfg.fullatt_block_indexes))  # [depth], scanned with blocks
         x = _run_blocks(self.blocks, x, is_full, (cos, sin, layout.window_segment_ids, layout.full_segment_ids))
         return self.merger(x)[layout.token_unperm]
 
