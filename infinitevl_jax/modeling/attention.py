@@ -10,6 +10,7 @@ from infinitevl_jax import ops
 from infinitevl_jax.config import SWA, TextConfig
 from infinitevl_jax.modeling.layers import linear
 from infinitevl_jax.modeling.rope import apply_rotary
+from pallas_kernels.sliding_window_attention import ring_buffer_write
 
 
 class Attention(nnx.Module):
@@ -40,3 +41,16 @@ class Attention(nnx.Module):
         q, k, v = self.project(x, cos, sin)
         o = ops.attention(q, k, v, window=self.window, segment_ids=segment_ids)
         return self.o_proj(o.reshape(*x.shape[:2], -1))
+
+    def step(self, x: jax.Array, *, cos: jax.Array, sin: jax.Array, q_positions: jax.Array, cache):
+        """Cached forward of a chunk ``x [B,C,E]`` (inference; C = 1 for decode).
+
+        ``q_positions [B,C]``: sequence index of each token (-1 on padding, which is neither attended nor cached).
+        ``cache``: ``(k [B,L,Hkv,D], v [B,L,Hkv,D], positions [B,L])``, a ring buffer of ``L = window - 1`` slots
+        (or the maximum length for full attention). Returns ``(out [B,C,E], new cache of the same type)``.
+        """
+        q, k, v = self.project(x, cos, sin)
+        cache_k, cache_v, cache_pos = cache
+        o = ops.attention_with_cache(q, k, v, cache_k, cache_v, cache_pos, q_positions, window=self.window)
+        new = ring_buffer_write(cache_k, cache_v, cache_pos, k, v, q_positions)
+        return self.o_proj(o.reshape(*x.shape[:2], -1)), type(cache)(*new)

@@ -52,6 +52,16 @@ class DecoderLayer(nnx.Module):
         x = x + self.self_attn(self.input_layernorm(x), cos=cos, sin=sin, segment_ids=segment_ids)
         return x + self.mlp(self.post_attention_layernorm(x))
 
+    def step(self, x, *, cos, sin, segment_ids, q_positions, cache):
+        """Cached forward (inference): returns ``(x, new cache)``; see the mixers' ``step``."""
+        h = self.input_layernorm(x)
+        if self.kind == GDN:
+            o, cache = self.self_attn.step(h, segment_ids=segment_ids, cache=cache)
+        else:
+            o, cache = self.self_attn.step(h, cos=cos, sin=sin, q_positions=q_positions, cache=cache)
+        x = x + o
+        return x + self.mlp(self.post_attention_layernorm(x)), cache
+
 
 class Block(nnx.Module):
     """One period of the layer pattern."""
@@ -66,6 +76,14 @@ class Block(nnx.Module):
         for layer in self.layers:
             x = layer(x, cos=cos, sin=sin, segment_ids=segment_ids)
         return x
+
+    def step(self, x, *, cos, sin, segment_ids, q_positions, caches):
+        """``caches``: one cache per layer of the period. Returns ``(x, new caches)``."""
+        out = []
+        for layer, cache in zip(self.layers, caches):
+            x, cache = layer.step(x, cos=cos, sin=sin, segment_ids=segment_ids, q_positions=q_positions, cache=cache)
+            out.append(cache)
+        return x, type(caches)(out)
 
 
 class HybridStack(nnx.Module):
@@ -95,3 +113,13 @@ class HybridStack(nnx.Module):
             body = nnx.remat(body, policy=policy)
         scan = nnx.scan(body, in_axes=(0, nnx.Carry), out_axes=nnx.Carry)
         return scan(self.blocks, x)
+
+    def step(self, x, *, cos, sin, segment_ids, q_positions, caches):
+        """Cached forward (inference). ``caches``: per layer of the period, a cache whose arrays carry a leading
+        ``num_blocks`` axis (stacked like the blocks), scanned alongside them. Returns ``(x, new caches)``."""
+
+        def body(block, h, c):
+            return block.step(h, cos=cos, sin=sin, segment_ids=segment_ids, q_positions=q_positions, caches=c)
+
+        scan = nnx.scan(body, in_axes=(0, nnx.Carry, 0), out_axes=(nnx.Carry, 0))
+        return scan(self.blocks, x, caches)

@@ -106,3 +106,22 @@ class GatedDeltaNet(nnx.Module):
         g, beta = self.gates(x)
         o, _ = ops.gated_delta_rule(q, k, v, g, beta, segment_ids=segment_ids)
         return self.output(x, o)
+
+    def step(self, x: jax.Array, *, segment_ids: jax.Array, cache):
+        """Cached forward of a chunk ``x [B,C,E]`` (inference; C = 1 decodes with the recurrent form).
+
+        ``cache``: ``(conv_q [B,W-1,H*K], conv_k, conv_v [B,W-1,H*V], state [B,H,K,V] float32)``. Batches are
+        left-padded (``segment_ids`` 0 before the prompt, 1 on it): padding inputs are zeroed so they never enter the
+        conv windows, and the recurrent state restarts at the first real token. Returns ``(out, new cache)``.
+        """
+        live = segment_ids > 0
+        conv_q, conv_k, conv_v, state = cache
+        q, k, v, conv = self.qkv(jnp.where(live[..., None], x, 0), segment_ids, (conv_q, conv_k, conv_v))
+        g, beta = self.gates(x)
+        o, new_state = ops.gated_delta_rule(q, k, v, g, beta, segment_ids=segment_ids,
+                                            initial_state=state.astype(jnp.float32), output_final_state=True,
+                                            recurrent=x.shape[1] == 1)
+        # A row that is still all padding keeps an empty state.
+        new_state = jnp.where(live[:, -1, None, None, None], new_state, 0.0).astype(state.dtype)
+        conv = tuple(c.astype(s.dtype) for c, s in zip(conv, (conv_q, conv_k, conv_v)))
+        return self.output(x, o), type(cache)(*conv, new_state)

@@ -44,6 +44,15 @@ class LanguageModel(nnx.Module):
         h = self.layers(inputs_embeds, cos=cos, sin=sin, segment_ids=segment_ids)
         return self.norm(h)
 
+    def step(self, inputs_embeds, *, position_ids, segment_ids, q_positions, caches):
+        """Cached forward (inference): ``q_positions [B,T]`` sequence indices (-1 padding); ``caches`` as
+        ``HybridStack.step``. Returns ``(final-normed hidden [B,T,E], new caches)``."""
+        c = self.config
+        cos, sin = mrope_cos_sin(position_ids, c.head_dim, c.rope_theta, c.mrope_section)
+        h, caches = self.layers.step(inputs_embeds, cos=cos, sin=sin, segment_ids=segment_ids,
+                                     q_positions=q_positions, caches=caches)
+        return self.norm(h), caches
+
 
 class InfiniteVLForConditionalGeneration(nnx.Module):
     def __init__(self, config: InfiniteVLConfig, *, dtype=None, param_dtype=jnp.float32, remat_policy: str = "none",
@@ -87,6 +96,11 @@ class InfiniteVLForConditionalGeneration(nnx.Module):
         """Arrays only (jittable): ``input_ids [B,T]``, ``position_ids [3,B,T]``, ``segment_ids [B,T]`` (0 = padding),
         and optionally ``pixel_values``/``image_layout``, ``pixel_values_videos``/``video_layout``. -> logits ``[B,T,V]``."""
         return self.logits(self.hidden_states(input_ids, position_ids=position_ids, segment_ids=segment_ids, **vision))
+
+    def step(self, inputs_embeds, *, position_ids, segment_ids, q_positions, caches):
+        """Cached forward of embeddings (jittable; ``infinitevl_jax.inference`` drives it). -> ``(hidden, caches)``."""
+        return self.language_model.step(inputs_embeds, position_ids=position_ids, segment_ids=segment_ids,
+                                        q_positions=q_positions, caches=caches)
 
     # ------------------------------------------------------------------ host-side entry point
     def __call__(self, input_ids, pixel_values=None, image_grid_thw=None, pixel_values_videos=None,
@@ -155,9 +169,12 @@ def prepare_inputs(config: InfiniteVLConfig, input_ids, *, pixel_values=None, im
             if n_tokens != expected:
                 raise ValueError(f"input_ids contain {n_tokens} {name} pad token(s) but {name}_grid_thw "
                                  f"{grids.tolist()} needs {expected}")
+            layout = vision_layout(grids, c.vision, pad_to=pad_to)
+            if pad_to is not None:  # bucket padding: rows past the real patches are masked by the layout
+                pixels = np.concatenate([pixels, np.zeros((pad_to - pixels.shape[0], pixels.shape[1]), pixels.dtype)])
             key = "pixel_values" if name == "image" else "pixel_values_videos"
             out[key] = jnp.asarray(pixels)
-            out[f"{name}_layout"] = vision_layout(grids, c.vision, pad_to=pad_to)
+            out[f"{name}_layout"] = layout
         spans.append(grids)
 
     if position_ids is None:
