@@ -8,12 +8,11 @@ and a layout ``kind`` whose forward/inverse transforms live in ``TRANSFORMS``.
 from __future__ import annotations
 
 import dataclasses
-import re
 from typing import Callable, Iterator
 
 import numpy as np
 
-from infinitevl_jax.config import GDN, InfiniteVLConfig
+from infinitevl_jax.config import GDN, InfiniteVLConfig, VisionConfig
 from infinitevl_jax.modeling.decoder import layer_period
 
 
@@ -79,10 +78,10 @@ def text_entries(config: InfiniteVLConfig) -> Iterator[Entry]:
             yield e("self_attn.o_proj.weight", a + ("o_proj", "kernel"), "linear", (E, Hq * D))
 
 
-def vision_entries(config: InfiniteVLConfig) -> Iterator[Entry]:
-    v = config.vision
+def vision_entries(v: VisionConfig, root: tuple = ("visual",)) -> Iterator[Entry]:
+    """The vision tower's tensors; ``root`` is the tower's path in the model (``()`` for a bare tower)."""
     h, I, M = v.hidden_size, v.intermediate_size, v.hidden_size * v.merge_unit
-    vis = ("visual",)
+    vis = root
     yield Entry("vision:patch_embed.proj.weight", vis + ("patch_embed", "kernel"), None, "patch_embed",
                 (h, v.in_channels, v.temporal_patch_size, v.patch_size, v.patch_size))
     for n in range(v.depth):
@@ -104,7 +103,7 @@ def vision_entries(config: InfiniteVLConfig) -> Iterator[Entry]:
 
 
 def entries(config: InfiniteVLConfig) -> list[Entry]:
-    return list(text_entries(config)) + list(vision_entries(config))
+    return list(text_entries(config)) + list(vision_entries(config.vision))
 
 
 # ----------------------------------------------------------------------------------------------------- key layouts
@@ -132,5 +131,3 @@ def hf_name(canonical: str, layout: str = "current") -> str:
 def detect_layout(names) -> str:
     return "current" if any(n.startswith("model.language_model.") for n in names) else "legacy"
 
-
-_LAYER_RE = re.compile(r"^text:layers\.(\d+)\.")

@@ -8,9 +8,10 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
+from infinitevl_jax.checkpoint import CheckpointMismatchError, load_hf_vision_state_dict
 from infinitevl_jax.config import tiny_vision
 from infinitevl_jax.modeling.vision import (
-    PAD_SEGMENT, VisionTower, check_grids, vision_layout, vision_params_from_hf,
+    PAD_SEGMENT, VisionTower, check_grids, vision_layout,
 )
 
 torch = pytest.importorskip("torch")
@@ -40,7 +41,7 @@ def models():
             p.add_(0.1 * torch.randn_like(p))
     tensors = {k: v.numpy() for k, v in hf.state_dict().items()}
     tower = VisionTower(CFG, rngs=nnx.Rngs(0))
-    nnx.update(tower, vision_params_from_hf(tensors, CFG))
+    load_hf_vision_state_dict(tower, tensors)
     return hf, tower
 
 
@@ -164,15 +165,16 @@ def test_params_are_stacked_and_carry_logical_axes():
         assert axes is not None and len(axes) + stacked == p.ndim, (jax.tree_util.keystr(path), axes)
 
 
-def test_params_from_hf_reports_every_problem(models):
+def test_vision_state_dict_errors_are_reported_together(models):
     hf, _ = models
     tensors = {k: v.numpy() for k, v in hf.state_dict().items()}
     del tensors["blocks.2.attn.qkv.bias"]
     tensors["blocks.9.norm1.weight"] = np.ones(CFG.hidden_size)
     tensors["merger.mlp.2.weight"] = tensors["merger.mlp.2.weight"].T
-    with pytest.raises(ValueError) as err:
-        vision_params_from_hf(tensors, CFG)
+    tower = VisionTower(CFG, rngs=nnx.Rngs(0))
+    with pytest.raises(CheckpointMismatchError) as err:
+        load_hf_vision_state_dict(tower, tensors)
     msg = str(err.value)
-    assert "missing: ['blocks.2.attn.qkv.bias']" in msg
-    assert "unexpected: ['blocks.9.norm1.weight']" in msg
-    assert "merger.mlp.2.weight: (128, 64)" in msg
+    assert "1 missing: blocks.2.attn.qkv.bias" in msg
+    assert "1 unexpected: blocks.9.norm1.weight" in msg
+    assert "merger.mlp.2.weight: checkpoint (128, 64)" in msg

@@ -22,8 +22,6 @@ Logical axis names of the parameters: ``vision_patch`` (1176 patch values), ``vi
 
 from __future__ import annotations
 
-from typing import Mapping
-
 import flax.struct
 import jax
 import jax.numpy as jnp
@@ -33,6 +31,7 @@ from flax import nnx
 from infinitevl_jax.config import VisionConfig
 from infinitevl_jax.modeling.layers import MLP, linear
 from infinitevl_jax.modeling.norms import RMSNorm
+from infinitevl_jax.modeling.rope import apply_rotary
 
 # Segment id of bucket-padding rows: real rows have ids >= 0, so they never attend to padding (and padding rows attend
 # only to each other, which keeps their outputs finite).
@@ -185,10 +184,7 @@ def rotary_tables(positions: jax.Array, head_dim: int, theta: float) -> tuple[ja
 
 def _apply_rotary(x: jax.Array, cos: jax.Array, sin: jax.Array) -> jax.Array:
     """``x [seq, heads, head_dim]`` rotated in float32 and cast back."""
-    x32 = x.astype(jnp.float32)
-    x1, x2 = jnp.split(x32, 2, axis=-1)
-    rotated = jnp.concatenate([-x2, x1], axis=-1)
-    return (x32 * cos[:, None] + rotated * sin[:, None]).astype(x.dtype)
+    return apply_rotary(x[None], cos[None], sin[None])[0]
 
 
 class VisionAttention(nnx.Module):
@@ -285,68 +281,3 @@ class VisionTower(nnx.Module):
         is_full = jnp.asarray(np.isin(np.arange(cfg.depth), cfg.fullatt_block_indexes))  # [depth], scanned with blocks
         x = _run_blocks(self.blocks, x, is_full, (cos, sin, layout.window_segment_ids, layout.full_segment_ids))
         return self.merger(x)[layout.token_unperm]
-
-
-# ----------------------------------------------------------------------------------------------------------------------
-# Hugging Face state dict.
-
-
-def _hf_name_map(config: VisionConfig) -> tuple[dict, dict]:
-    """``{hf block-relative name: (our path, HF shape, transpose)}`` for one block, plus the unstacked tensors."""
-    h, i, merged = config.hidden_size, config.intermediate_size, config.hidden_size * config.merge_unit
-
-    def lin(path, out_f, in_f):
-        return {"weight": (path + ("kernel",), (out_f, in_f), True), "bias": (path + ("bias",), (out_f,), False)}
-
-    block = {"norm1.weight": (("norm1", "scale"), (h,), False), "norm2.weight": (("norm2", "scale"), (h,), False)}
-    for hf, ours, out_f, in_f in [("attn.qkv", ("attn", "qkv"), 3 * h, h), ("attn.proj", ("attn", "proj"), h, h),
-                                  ("mlp.gate_proj", ("mlp", "gate_proj"), i, h), ("mlp.up_proj", ("mlp", "up_proj"), i, h),
-                                  ("mlp.down_proj", ("mlp", "down_proj"), h, i)]:
-        block.update({f"{hf}.{k}": v for k, v in lin(ours, out_f, in_f).items()})
-    top = {"merger.ln_q.weight": (("merger", "ln_q", "scale"), (h,), False)}
-    top.update({f"merger.mlp.0.{k}": v for k, v in lin(("merger", "mlp_0"), merged, merged).items()})
-    top.update({f"merger.mlp.2.{k}": v for k, v in lin(("merger", "mlp_2"), config.out_hidden_size, merged).items()})
-    return block, top
-
-
-def vision_params_from_hf(tensors: Mapping[str, np.ndarray], config: VisionConfig) -> dict:
-    """Maps Hugging Face vision tensors (names relative to the tower: ``patch_embed.proj.weight``, ``blocks.N.…``,
-    ``merger.…``) to a nested dict shaped like ``nnx.state(VisionTower)`` (blocks stacked on a leading ``depth`` axis).
-
-    Linear weights ``[out, in]`` become kernels ``[in, out]``; the Conv3d patch embedding, whose stride equals its
-    kernel, is the linear map of the flattened patch row. Raises one ``ValueError`` listing every missing, unexpected
-    and mis-shaped tensor. Values keep their dtype.
-    """
-    block_map, top_map = _hf_name_map(config)
-    h = config.hidden_size
-    patch_shape = (h, config.in_channels, config.temporal_patch_size, config.patch_size, config.patch_size)
-    expected = {"patch_embed.proj.weight": patch_shape}
-    expected.update({k: v[1] for k, v in top_map.items()})
-    for n in range(config.depth):
-        expected.update({f"blocks.{n}.{k}": v[1] for k, v in block_map.items()})
-
-    missing = sorted(set(expected) - set(tensors))
-    unexpected = sorted(set(tensors) - set(expected))
-    misshaped = sorted(f"{k}: {tuple(np.shape(tensors[k]))} (expected {expected[k]})" for k in expected
-                       if k in tensors and tuple(np.shape(tensors[k])) != expected[k])
-    if missing or unexpected or misshaped:
-        raise ValueError("vision tower state dict does not match the config:" +
-                         "".join(f"\n  {label}: {items}" for label, items in
-                                 [("missing", missing), ("unexpected", unexpected), ("mis-shaped", misshaped)] if items))
-
-    params: dict = {}
-
-    def put(path, value):
-        node = params
-        for key in path[:-1]:
-            node = node.setdefault(key, {})
-        node[path[-1]] = value
-
-    put(("patch_embed", "kernel"), np.asarray(tensors["patch_embed.proj.weight"]).reshape(h, -1).T)
-    for name, (path, _, transpose) in top_map.items():
-        value = np.asarray(tensors[name])
-        put(path, value.T if transpose else value)
-    for name, (path, _, transpose) in block_map.items():
-        value = np.stack([np.asarray(tensors[f"blocks.{n}.{name}"]) for n in range(config.depth)])
-        put(("blocks",) + path, np.swapaxes(value, 1, 2) if transpose else value)
-    return params
