@@ -16,6 +16,7 @@ SUBCOMMANDS: list[tuple[str, str, str]] = [
     ("info", "infinitevl_jax.cli_info", "print a config's layer pattern and parameter count"),
     ("make-synthetic", "infinitevl_jax.data.synthetic", "write the procedural image/video Q&A dataset"),
     ("eval", "infinitevl_jax.evaluation.cli", "evaluate a checkpoint on VLM benchmarks from local files"),
+    ("convert", "infinitevl_jax.convert", "convert Hugging Face <-> Orbax checkpoints"),
 ]
 
 
