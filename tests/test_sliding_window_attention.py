@@ -1,0 +1,251 @@
+"""Sliding-window attention: every backend against the dense masked reference (CPU, Pallas
+kernels in interpret mode), the TPU lowering at the model's shape, and the ring-buffer cache."""
+
+import functools
+import zlib
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from pallas_kernels.sliding_window_attention import (
+    attend_to_cache,
+    attend_to_cache_reference,
+    attention_blockwise,
+    attention_reference,
+    choose_backend,
+    init_ring_buffer,
+    ring_buffer_write,
+    sliding_window_attention,
+)
+from pallas_kernels.sliding_window_attention.cache import attend_to_cache_pallas
+from pallas_kernels.sliding_window_attention.flash_gpu import flash_attention
+from pallas_kernels.sliding_window_attention.splash_tpu import splash_attention
+
+TOL = {jnp.float32: 1e-5, jnp.bfloat16: 2e-2}
+# small blocks so that tiny sequences still cover edge, interior and diagonal blocks
+FLASH_BLOCKS = dict(block_q=16, block_k=8, bwd_block_q=8, bwd_block_k=16, interpret=True)
+
+
+def rel(a, b):
+  a, b = np.asarray(a, np.float64), np.asarray(b, np.float64)
+  return float(np.linalg.norm(a - b) / np.linalg.norm(b))
+
+
+def draw(name, b, t, hq, hkv, d, dtype=jnp.float32, packed=False):
+  """Fresh random q, k, v, dO (and segment ids when packed), seeded by the case name."""
+  key = jax.random.PRNGKey(zlib.crc32(name.encode()))
+  kq, kk, kv, kd, ks = jax.random.split(key, 5)
+  q = jax.random.normal(kq, (b, t, hq, d), dtype)
+  k = jax.random.normal(kk, (b, t, hkv, d), dtype)
+  v = jax.random.normal(kv, (b, t, hkv, d), dtype)
+  do = jax.random.normal(kd, (b, t, hq, d), dtype)
+  seg = None
+  if packed:  # sorted random document ids: 1-4 documents of random lengths per row
+    seg = jnp.sort(jax.random.randint(ks, (b, t), 0, 4), axis=1).astype(jnp.int32)
+  return q, k, v, do, seg
+
+
+def naive(q, k, v, window, seg):
+  """Loop-by-loop float64 attention, independent of the reference's masking code."""
+  q, k, v = (np.asarray(x, np.float64) for x in (q, k, v))
+  b, t, hq, d = q.shape
+  g = hq // k.shape[2]
+  out = np.zeros_like(q)
+  for bi in range(b):
+    for ti in range(t):
+      keys = [s for s in range(t) if s <= ti and (window is None or s > ti - window)
+              and (seg is None or seg[bi, s] == seg[bi, ti])]
+      for h in range(hq):
+        logits = np.array([q[bi, ti, h] @ k[bi, s, h // g] for s in keys]) * d ** -0.5
+        p = np.exp(logits - logits.max())
+        out[bi, ti, h] = (p / p.sum()) @ v[bi, keys, h // g]
+  return out
+
+
+def check_against_reference(fn, case, b, t, hq, hkv, d, window, packed, dtype=jnp.float32):
+  q, k, v, do, seg = draw(case, b, t, hq, hkv, d, dtype, packed)
+  f32 = lambda x: x.astype(jnp.float32)
+  ref = functools.partial(attention_reference, window=window, segment_ids=seg)
+  o_ref, vjp_ref = jax.vjp(ref, f32(q), f32(k), f32(v))
+  o, vjp = jax.vjp(functools.partial(fn, window=window, segment_ids=seg), q, k, v)
+  assert o.dtype == q.dtype and o.shape == q.shape
+  errs = [rel(o, o_ref)] + [rel(a, b_) for a, b_ in zip(vjp(do), vjp_ref(f32(do)))]
+  assert max(errs) <= TOL[dtype], dict(zip(("o", "dq", "dk", "dv"), errs))
+
+
+# ----------------------------------------------------------------------------- reference
+
+
+@pytest.mark.parametrize("window,packed", [(3, False), (100, False), (None, True), (5, True)])
+def test_reference_matches_loops(window, packed):
+  q, k, v, _, seg = draw(f"naive{window}{packed}", 2, 13, 4, 2, 8, packed=packed)
+  o = attention_reference(q, k, v, window=window, segment_ids=seg)
+  assert rel(o, naive(q, k, v, window, None if seg is None else np.asarray(seg))) < 1e-6
+
+
+def test_window_one_is_identity_on_values():
+  q, k, v, _, _ = draw("w1", 1, 9, 4, 2, 8)
+  o = attention_reference(q, k, v, window=1)
+  np.testing.assert_allclose(o, jnp.repeat(v, 2, axis=2), rtol=1e-6)
+
+
+def test_row_without_keys_is_finite():
+  # a query row that sees nothing (only possible through the cache path) must give zeros
+  q, k, v, _, _ = draw("empty", 1, 1, 2, 1, 8)
+  pos = jnp.array([[-1]], jnp.int32)
+  cache_k, cache_v, cache_pos = init_ring_buffer(1, 4, 1, 8, jnp.float32)
+  o = attend_to_cache_reference(q, k, v, cache_k, cache_v, cache_pos, pos, window=4)
+  assert np.all(np.asarray(o) == 0.0)
+
+
+@pytest.mark.parametrize("window", [11])
+def test_blockwise_matches_dense(window):
+  check_against_reference(functools.partial(attention_blockwise, block_q=8), f"bw{window}",
+                          2, 29, 4, 2, 8, window, packed=True)
+
+
+# ----------------------------------------------------------------------------- Pallas GPU
+
+
+@pytest.mark.parametrize(
+    "b,t,hq,hkv,window,packed,dtype",
+    [
+        (1, 45, 8, 1, 9, True, jnp.float32),       # Hq/Hkv = 8, window < T, T % block != 0
+        (1, 24, 4, 2, 100, False, jnp.bfloat16),   # Hq/Hkv = 2, window > T
+    ])
+def test_flash_gpu_interpret(b, t, hq, hkv, window, packed, dtype):
+  check_against_reference(functools.partial(flash_attention, **FLASH_BLOCKS),
+                          f"flash{t}{window}", b, t, hq, hkv, 16, window, packed, dtype)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("t", [37, 64])
+@pytest.mark.parametrize("window", [1, 17, None])
+@pytest.mark.parametrize("hq,hkv", [(8, 1), (4, 2)])
+@pytest.mark.parametrize("packed", [False, True])
+def test_flash_gpu_interpret_grid(t, window, hq, hkv, packed):
+  dtype = jnp.bfloat16 if packed else jnp.float32
+  check_against_reference(functools.partial(flash_attention, **FLASH_BLOCKS),
+                          f"flashgrid{t}{window}{hq}{packed}", 2, t, hq, hkv, 16, window, packed,
+                          dtype)
+
+
+# ----------------------------------------------------------------------------- splash (TPU)
+
+
+@pytest.mark.parametrize("t,hq,hkv,window,packed", [(200, 8, 1, 70, True)])
+def test_splash_interpret(t, hq, hkv, window, packed):
+  check_against_reference(functools.partial(splash_attention, interpret=True),
+                          f"splash{t}{window}", 1, t, hq, hkv, 16, window, packed)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("t", [128, 300])
+@pytest.mark.parametrize("window", [1, 50, None])
+@pytest.mark.parametrize("packed", [False, True])
+def test_splash_interpret_grid(t, window, packed):
+  dtype = jnp.bfloat16 if packed else jnp.float32
+  check_against_reference(functools.partial(splash_attention, interpret=True),
+                          f"splashgrid{t}{window}{packed}", 2, t, 8, 2, 16, window, packed, dtype)
+
+
+def _jaxpr_text(fn, *args):
+  return str(jax.make_jaxpr(fn)(*args))
+
+
+@pytest.mark.parametrize("backend", ["pallas_gpu", "pallas_tpu"])
+def test_pallas_call_in_forward_and_backward(backend):
+  q, k, v, _, seg = draw("jaxpr", 1, 256, 4, 2, 16, packed=True)
+  f = functools.partial(sliding_window_attention, window=64, segment_ids=seg, backend=backend)
+  fwd = _jaxpr_text(f, q, k, v)
+  bwd = _jaxpr_text(jax.grad(lambda *a: f(*a).sum(), argnums=(0, 1, 2)), q, k, v)
+  assert "pallas_call" in fwd
+  # the backward jaxpr holds the forward and the backward kernels
+  assert bwd.count("pallas_call") >= 2
+
+
+def test_tpu_lowering_at_model_shape():
+  """Splash lowers for TPU at Hq=16, Hkv=2, D=128, W=8192, T=16384 (nothing is allocated)."""
+  b, t, hq, hkv, d = 1, 16384, 16, 2, 128
+  q = jax.ShapeDtypeStruct((b, t, hq, d), jnp.bfloat16)
+  kv = jax.ShapeDtypeStruct((b, t, hkv, d), jnp.bfloat16)
+  seg = jax.ShapeDtypeStruct((b, t), jnp.int32)
+  f = functools.partial(sliding_window_attention, window=8192, backend="pallas_tpu")
+  fwd = jax.jit(lambda q, k, v, s: f(q, k, v, segment_ids=s))
+  text = fwd.trace(q, kv, kv, seg).lower(lowering_platforms=("tpu",)).as_text()
+  assert "tpu_custom_call" in text
+  loss = lambda q, k, v, s: f(q, k, v, segment_ids=s).astype(jnp.float32).sum()
+  bwd = jax.jit(jax.grad(loss, argnums=(0, 1, 2)))
+  text = bwd.trace(q, kv, kv, seg).lower(lowering_platforms=("tpu",)).as_text()
+  assert text.count("tpu_custom_call") >= 2
+
+
+# ----------------------------------------------------------------------------- dispatch
+
+
+def test_dispatch():
+  q, k, v, _, seg = draw("dispatch", 1, 16, 4, 2, 8, packed=True)
+  assert choose_backend() == "xla"  # CPU
+  a = sliding_window_attention(q, k, v, window=5, segment_ids=seg)
+  b = attention_reference(q, k, v, window=5, segment_ids=seg)
+  np.testing.assert_allclose(a, b, rtol=1e-6, atol=1e-6)
+  with pytest.raises(ValueError, match="segment_ids"):
+    sliding_window_attention(q, k, v, window=5, segment_ids=seg, backend="cudnn")
+  with pytest.raises(ValueError, match="unknown backend"):
+    sliding_window_attention(q, k, v, window=5, backend="nope")
+
+
+# ----------------------------------------------------------------------------- cache
+
+
+def test_ring_buffer_write_rules():
+  ck, cv, cpos = init_ring_buffer(2, 4, 1, 2, jnp.float32)
+  k = jnp.arange(2 * 6 * 2, dtype=jnp.float32).reshape(2, 6, 1, 2)
+  pos = jnp.array([[0, 1, 2, 3, 4, 5], [7, 8, -1, -1, -1, -1]], jnp.int32)
+  ck, cv, cpos = ring_buffer_write(ck, cv, cpos, k, k, pos)
+  # row 0: six tokens into four slots, the last four win; row 1: padding writes nothing
+  np.testing.assert_array_equal(cpos, [[4, 5, 2, 3], [8, -1, -1, 7]])
+  np.testing.assert_array_equal(ck[0, :, 0, 0], k[0, [4, 5, 2, 3], 0, 0])
+  np.testing.assert_array_equal(ck[1, [3, 0], 0, 0], k[1, [0, 1], 0, 0])
+  np.testing.assert_array_equal(ck[1, [1, 2]], 0.0)
+
+
+def run_chunks(attend, q, k, v, window, length, chunk):
+  """Feed a sequence through attend + ring_buffer_write chunk by chunk (last chunk padded)."""
+  b, t, _, d = q.shape
+  cache = init_ring_buffer(b, length, k.shape[2], d, jnp.float32)
+
+  @jax.jit
+  def step(cache, qc, kc, vc, pos):
+    o = attend(qc, kc, vc, *cache, pos, window=window)
+    return o, ring_buffer_write(*cache, kc, vc, pos)
+
+  outs = []
+  for s in range(0, t, chunk):
+    n = min(chunk, t - s)
+    pad = lambda x: jnp.pad(x[:, s:s + n], ((0, 0), (0, chunk - n), (0, 0), (0, 0)))
+    pos = jnp.where(jnp.arange(chunk) < n, s + jnp.arange(chunk), -1).astype(jnp.int32)
+    o, cache = step(cache, pad(q), pad(k), pad(v), jnp.broadcast_to(pos, (b, chunk)))
+    assert np.all(np.isfinite(np.asarray(o)))  # padding rows included
+    outs.append(o[:, :n])
+  return jnp.concatenate(outs, axis=1)
+
+
+@pytest.mark.parametrize("chunk", [1, 7, 64])
+@pytest.mark.parametrize("impl", ["reference", "pallas"])
+def test_chunked_cache_equals_full_sequence(chunk, impl):
+  window, t = 6, 70  # buffer of 5 slots: 14 full wraps; two chunks of 64
+  attend = attend_to_cache_reference if impl == "reference" else functools.partial(
+      attend_to_cache_pallas, block_k=16, interpret=True)
+  q, k, v, _, _ = draw(f"cache{chunk}{impl}", 2, t, 4, 2, 8)
+  full = attention_reference(q, k, v, window=window)
+  assert rel(run_chunks(attend, q, k, v, window, window - 1, chunk), full) <= 1e-5
+
+
+def test_full_attention_cache_and_dispatch():
+  t = 20
+  q, k, v, _, _ = draw("cachefull", 1, t, 4, 1, 8)
+  full = attention_reference(q, k, v, window=None)
+  assert rel(run_chunks(attend_to_cache, q, k, v, None, 24, 7), full) <= 1e-5
