@@ -115,3 +115,12 @@ def prefill(graphdef, state, cache: Cache, embeds, positions, segment_ids, *, ch
         logits, cache = prefill_step(graphdef, state, cache, embeds[:, s:s + step], positions[:, :, s:s + step],
                                      segment_ids[:, s:s + step])
     return logits, cache
+
+
+@functools.partial(jax.jit, static_argnames=("graphdef",), donate_argnames=("cache",))
+def embed_prefill_step(graphdef, state, cache: Cache, input_ids, vision, positions, segment_ids):
+    """Embeds (vision included) and prefills one chunk in one program (a streamed frame).
+    Returns ``(float32 logits of the last token [B,V], cache)``."""
+    model = nnx.merge(graphdef, state)
+    h, cache = _advance(model, cache, model.embed(input_ids, **vision), positions, segment_ids)
+    return model.logits(h[:, -1]).astype(jnp.float32), cache
