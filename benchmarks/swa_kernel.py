@@ -159,12 +159,100 @@ def sweep(log, t, reps):
   return dict(best_f[0] or {}, **(best_b[0] or {}))
 
 
+def tune(t, reps):
+  """Variants of our kernel side by side at one length, with cuDNN windowed as the yardstick;
+  then the decode kernel (attend_to_cache) against its XLA reference."""
+  from pallas_kernels.sliding_window_attention import flash_gpu
+  from pallas_kernels.sliding_window_attention.cache import (attend_to_cache_pallas,
+                                                             attend_to_cache_reference)
+  q, k, v, do = inputs(jax.random.PRNGKey(11), 1, t)
+  res = []
+  cud = impls(W)["cudnn_window"]
+  f, fb = fwd_and_bwd(cud)
+  res.append(("cudnn_window fwd", timeit(f, q, k, v, reps=reps)[0]))
+  res.append(("cudnn_window fwd+bwd", timeit(fb, q, k, v, do, reps=reps)[0]))
+  print(res, flush=True)
+  base = dict(block_q=128, block_k=64, num_warps=8, num_stages=3)
+  fwd_variants = {
+      "base 128x64 w8 s3": base,
+      "128x128 w8 s3": dict(base, block_k=128),
+      "128x64 w8 s4": dict(base, num_stages=4),
+      "heads_fastest": dict(base, heads_fastest=True),
+      "fold_scale": dict(base, fold_scale=True),
+      "heads_fastest+fold_scale": dict(base, heads_fastest=True, fold_scale=True),
+  }
+  for name, c in fwd_variants.items():
+    try:
+      ms = timeit(jax.jit(lambda q, k, v: flash_attention(q, k, v, window=W, **c)), q, k, v,
+                  reps=reps)[0]
+      res.append((f"ours fwd {name}", ms))
+      print(res[-1], flush=True)
+    except Exception:
+      traceback.print_exc()
+  o, lse = jax.jit(lambda q, k, v: flash_gpu._fwd(q, k, v, None, scale=D ** -0.5, window=W,
+                                                  interpret=False, **base))(q, k, v)
+  bwd_variants = {"dkv 64x64 w4 s2": (64, 64, 4, 2), "dkv 64x64 w4 s3": (64, 64, 4, 3),
+                  "dkv 64x128 w8 s3": (64, 128, 8, 3), "dkv 128x64 w8 s2": (128, 64, 8, 2),
+                  "dkv 64x128 w4 s2": (64, 128, 4, 2)}
+  for name, (bq, bk, nw, ns) in bwd_variants.items():
+    try:
+      g = jax.jit(lambda q, k, v, o, lse, do: flash_gpu._bwd(
+          q, k, v, None, o, lse, do, scale=D ** -0.5, window=W, block_q=bq, block_k=bk,
+          num_warps=nw, num_stages=ns, interpret=False))
+      res.append((f"ours bwd only {name}", timeit(g, q, k, v, o, lse, do, reps=reps)[0]))
+      print(res[-1], flush=True)
+    except Exception:
+      traceback.print_exc()
+  # decode / chunk against an 8191-slot ring buffer
+  length = W - 1
+  for c in (1, 64):
+    kc = jax.random.split(jax.random.PRNGKey(c), 6)
+    qc = jax.random.normal(kc[0], (1, c, HQ, D), jnp.bfloat16)
+    kk = jax.random.normal(kc[1], (1, c, HKV, D), jnp.bfloat16)
+    vv = jax.random.normal(kc[2], (1, c, HKV, D), jnp.bfloat16)
+    ck = jax.random.normal(kc[3], (1, length, HKV, D), jnp.bfloat16)
+    cv = jax.random.normal(kc[4], (1, length, HKV, D), jnp.bfloat16)
+    p0 = 20000
+    cpos = (p0 - length + jnp.arange(length, dtype=jnp.int32))[None]
+    cpos = jnp.roll(cpos, 1234, axis=1)  # ring order
+    qpos = (p0 + jnp.arange(c, dtype=jnp.int32))[None]
+    args = (qc, kk, vv, ck, cv, cpos, qpos)
+    try:
+      decode_case(res, c, args)
+    except Exception:
+      traceback.print_exc()
+  print(f"\ntuning at T={t}, median ms")
+  for name, ms in res:
+    print(f"| {name} | {ms:.3f} |")
+  return res
+
+
+def decode_case(res, c, args):
+  from pallas_kernels.sliding_window_attention.cache import (attend_to_cache_pallas,
+                                                             attend_to_cache_reference)
+  ref = jax.jit(lambda *a: attend_to_cache_reference(*a, window=W))
+  ker = jax.jit(lambda *a: attend_to_cache_pallas(*a, window=W))
+  err = rel(ker(*args), attend_to_cache_reference(*[x.astype(jnp.float32) if x.dtype ==
+                                                    jnp.bfloat16 else x for x in args],
+                                                  window=W))
+  res.append((f"attend_to_cache C={c} pallas (err {err:.1e})", timeit(ker, *args, reps=50)[0]))
+  res.append((f"attend_to_cache C={c} xla reference", timeit(ref, *args, reps=50)[0]))
+  print(res[-2:], flush=True)
+
+
 def main():
   ap = argparse.ArgumentParser()
   ap.add_argument("--reps", type=int, default=10)
   ap.add_argument("--lengths", default="32768,65536,131072")
   ap.add_argument("--no-sweep", action="store_true")
+  ap.add_argument("--tune", action="store_true", help="only the variant/decode comparison")
   args = ap.parse_args()
+  if args.tune:
+    print(dict(device=jax.devices()[0].device_kind, jax=jax.__version__), flush=True)
+    res = tune(65536, args.reps)
+    with open(os.path.join(os.environ.get("OUT", "."), "swa_tune.json"), "w") as fh:
+      json.dump(res, fh, indent=1)
+    return
   out_dir = os.environ.get("OUT", ".")
   dev = jax.devices()[0]
   meta = dict(device=dev.device_kind, jax=jax.__version__, date=time.strftime("%Y-%m-%d"),

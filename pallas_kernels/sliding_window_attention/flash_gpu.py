@@ -86,7 +86,7 @@ def _three_loops(lo, lo_f, hi_f, hi, body, carry, always_mask):
 # ----------------------------------------------------------------------------- forward
 
 
-def _fwd_kernel(*refs, qk_scale, window, bq, bk, nk, has_seg):
+def _fwd_kernel(*refs, qk_scale, window, bq, bk, nk, has_seg, fold_scale):
   if has_seg:
     q_ref, k_ref, v_ref, qs_ref, ks_ref, o_ref, lse_ref = refs
   else:
@@ -94,6 +94,8 @@ def _fwd_kernel(*refs, qk_scale, window, bq, bk, nk, has_seg):
     qs_ref = ks_ref = None
   q0 = pl.program_id(1) * bq
   q = q_ref[...]
+  if fold_scale:  # one [bq, D] multiply instead of a [bq, bk] one per key block
+    q = (q.astype(jnp.float32) * qk_scale).astype(q.dtype)
   d = q.shape[-1]
   qpos = q0 + lax.broadcasted_iota(jnp.int32, (bq, bk), 0)
   qseg = qs_ref[...][:, None] if has_seg else None
@@ -103,7 +105,9 @@ def _fwd_kernel(*refs, qk_scale, window, bq, bk, nk, has_seg):
     k0 = pl.multiple_of(j * bk, bk)
     k = k_ref[pl.ds(k0, bk), :]
     v = v_ref[pl.ds(k0, bk), :]
-    s = _dot(q, k, _DOT) * qk_scale
+    s = _dot(q, k, _DOT)
+    if not fold_scale:
+      s = s * qk_scale
     if masked:
       kpos = k0 + lax.broadcasted_iota(jnp.int32, (bq, bk), 1)
       kseg = ks_ref[pl.ds(k0, bk)][None, :] if has_seg else None
@@ -124,32 +128,42 @@ def _fwd_kernel(*refs, qk_scale, window, bq, bk, nk, has_seg):
   lse_ref[...] = m_i + jnp.log2(l_safe)
 
 
-def _fwd(q, k, v, seg, *, scale, window, block_q, block_k, num_warps, num_stages, interpret):
+def _fwd(q, k, v, seg, *, scale, window, block_q, block_k, num_warps, num_stages, interpret,
+         fold_scale=False, heads_fastest=False):
   b, t, hq, d = q.shape
   hkv = k.shape[2]
   g = hq // hkv
   nq, nk = t // block_q, t // block_k
   has_seg = seg is not None
   head = lambda bh, gi: (bh % hkv) * g + gi
+  if heads_fastest:
+    # launch order runs the grid's first axis fastest: the g query heads of one kv head and
+    # query block run side by side and share each K/V block through L2
+    grid = (g, nq, b * hkv)
+    ids = lambda f: (lambda gi, i, bh: f(bh, i, gi))
+  else:
+    grid = (b * hkv, nq, g)
+    ids = lambda f: f
   in_specs = [
-      pl.BlockSpec((None, block_q, None, d), lambda bh, i, gi: (bh // hkv, i, head(bh, gi), 0)),
-      pl.BlockSpec((None, t, None, d), lambda bh, i, gi: (bh // hkv, 0, bh % hkv, 0)),
-      pl.BlockSpec((None, t, None, d), lambda bh, i, gi: (bh // hkv, 0, bh % hkv, 0)),
+      pl.BlockSpec((None, block_q, None, d), ids(lambda bh, i, gi: (bh // hkv, i, head(bh, gi), 0))),
+      pl.BlockSpec((None, t, None, d), ids(lambda bh, i, gi: (bh // hkv, 0, bh % hkv, 0))),
+      pl.BlockSpec((None, t, None, d), ids(lambda bh, i, gi: (bh // hkv, 0, bh % hkv, 0))),
   ]
   args = [q, k, v]
   if has_seg:
-    in_specs += [pl.BlockSpec((None, block_q), lambda bh, i, gi: (bh // hkv, i)),
-                 pl.BlockSpec((None, t), lambda bh, i, gi: (bh // hkv, 0))]
+    in_specs += [pl.BlockSpec((None, block_q), ids(lambda bh, i, gi: (bh // hkv, i))),
+                 pl.BlockSpec((None, t), ids(lambda bh, i, gi: (bh // hkv, 0)))]
     args += [seg, seg]
   kernel = functools.partial(_fwd_kernel, qk_scale=scale * LOG2E, window=window, bq=block_q,
-                             bk=block_k, nk=nk, has_seg=has_seg)
+                             bk=block_k, nk=nk, has_seg=has_seg, fold_scale=fold_scale)
   o, lse = pl.pallas_call(
       kernel,
-      grid=(b * hkv, nq, g),  # the g query heads of one kv head run side by side: K/V reuse in L2
+      grid=grid,
       in_specs=in_specs,
       out_specs=[
-          pl.BlockSpec((None, block_q, None, d), lambda bh, i, gi: (bh // hkv, i, head(bh, gi), 0)),
-          pl.BlockSpec((None, None, block_q), lambda bh, i, gi: (bh // hkv, head(bh, gi), i)),
+          pl.BlockSpec((None, block_q, None, d),
+                       ids(lambda bh, i, gi: (bh // hkv, i, head(bh, gi), 0))),
+          pl.BlockSpec((None, None, block_q), ids(lambda bh, i, gi: (bh // hkv, head(bh, gi), i))),
       ],
       out_shape=[jax.ShapeDtypeStruct(q.shape, q.dtype),
                  jax.ShapeDtypeStruct((b, hq, t), jnp.float32)],
@@ -333,7 +347,8 @@ class _Config:
     self._kw = tuple(sorted(kw.items()))
     common = {k: kw[k] for k in ("scale", "window", "interpret")}
     self.fwd = dict(common, block_q=kw["block_q"], block_k=kw["block_k"],
-                    num_warps=kw["num_warps"], num_stages=kw["num_stages"])
+                    num_warps=kw["num_warps"], num_stages=kw["num_stages"],
+                    fold_scale=kw["fold_scale"], heads_fastest=kw["heads_fastest"])
     self.bwd = dict(common, block_q=kw["bwd_block_q"], block_k=kw["bwd_block_k"],
                     num_warps=kw["bwd_num_warps"], num_stages=kw["bwd_num_stages"])
 
@@ -346,7 +361,7 @@ class _Config:
 
 def flash_attention(q, k, v, *, window, segment_ids=None, scale=None, block_q=128, block_k=64,
                     num_warps=8, num_stages=3, bwd_block_q=64, bwd_block_k=128, bwd_num_warps=8,
-                    bwd_num_stages=2, interpret=False):
+                    bwd_num_stages=2, fold_scale=False, heads_fastest=False, interpret=False):
   """Sliding-window (``window=None``: full) causal attention, ``q [B,T,Hq,D]``,
   ``k, v [B,T,Hkv,D]``, optional ``segment_ids [B,T]``. Differentiable.
 
@@ -371,6 +386,7 @@ def flash_attention(q, k, v, *, window, segment_ids=None, scale=None, block_q=12
   cfg = _Config(scale=scale, window=window, interpret=interpret, block_q=block_q,
                 block_k=block_k, num_warps=num_warps, num_stages=num_stages,
                 bwd_block_q=bwd_block_q, bwd_block_k=bwd_block_k, bwd_num_warps=bwd_num_warps,
-                bwd_num_stages=bwd_num_stages)
+                bwd_num_stages=bwd_num_stages, fold_scale=fold_scale,
+                heads_fastest=heads_fastest)
   o = _flash(q, k, v, seg, cfg)
   return o[:, :t]
