@@ -272,3 +272,27 @@ def test_runner_resumes_after_interruption_and_after_a_torn_line(tmp_path):
     assert merged["benchmarks"]["MMStar"]["score"] == saved["benchmarks"]["MMStar"]["score"]
     md = open(str(tmp_path / "res" / "results.md")).read()
     assert "| MMStar | accuracy | 57.14 | 7 |  |" in md and "| TextVQA | VQA accuracy | 12.50 | 2 (limit 2) | 78.5 |" in md
+
+
+def test_periodic_evaluator_for_training(tmp_path, monkeypatch):
+    red = data.encode_image(_image("red"))
+    tsv = write_tsv(tmp_path / "ai2d.tsv", [{"index": str(i), "question": "q", "A": "red", "B": "blue", "answer": "A",
+                                             "image": red} for i in range(3)])
+    seen = []
+
+    class FakeAnswerer:
+        def __init__(self, model, processor, *, max_new_tokens):
+            self.model = model
+            seen.append(max_new_tokens)
+
+        def __call__(self, prompts):
+            return ["A" if self.model == "good" else "B"] * len(prompts)
+
+    monkeypatch.setattr(runner, "ModelAnswerer", FakeAnswerer)
+    ev = runner.PeriodicEvaluator(None, [runner.EvalSpec("AI2D_TEST", tsv)], str(tmp_path / "evals"), every=10, limit=2)
+    assert ev(5, "good") is None
+    assert ev(10, "good") == {"AI2D/score": 100.0}
+    assert ev(20, "bad") == {"AI2D/score": 0.0}
+    saved = json.load(open(tmp_path / "evals" / "step_20" / "results.json"))
+    assert saved["checkpoint"] == "step 20" and saved["benchmarks"]["AI2D"]["n"] == 2
+    assert seen == [128, 128]

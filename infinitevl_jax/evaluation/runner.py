@@ -83,6 +83,7 @@ def _atomic_write(path: str, text: str) -> None:
 
 def _append(path: str, records: Iterable[tuple[str, str]]) -> None:
     text = "".join(json.dumps({"id": i, "prediction": p}, ensure_ascii=False) + "\n" for i, p in records)
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
     with open(path, "a", encoding="utf-8") as f:
         f.write(text)
         f.flush()
@@ -223,8 +224,11 @@ class ModelAnswerer:
         return proc.encode_conversation(prompt.messages(), prompt.images, add_generation_prompt=True)
 
     def collate(self, rows: Sequence[Mapping[str, np.ndarray]]) -> dict[str, np.ndarray]:
-        """Left-padded ``input_ids``/``attention_mask [B,T]`` and the rows' images concatenated in order."""
-        T = max(len(r["input_ids"]) for r in rows)
+        """Left-padded ``input_ids``/``attention_mask [B,T]`` and the rows' images concatenated in order. ``T`` is
+        the prefill bucket of the longest row, so prompts of different lengths share compiled programs."""
+        from infinitevl_jax.inference.engine import bucket_length
+
+        T = bucket_length(max(len(r["input_ids"]) for r in rows), self.prefill_chunk)
         pad = self.processor.pad_token_id
         ids = np.full((len(rows), T), pad, np.int32)
         mask = np.zeros((len(rows), T), np.int32)
