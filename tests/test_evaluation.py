@@ -118,7 +118,8 @@ OPTIONS = {"A": "cat", "B": "dog", "C": "black cat", "D": "bird"}
 @pytest.mark.parametrize("reply, expected", [
     ("B", "B"), ("b", "B"), ("(B)", "B"), ("B.", "B"), ("The answer is (B).", "B"), ("the answer is (b).", "B"),
     ("Answer: d", "D"), ("B. dog", "B"), ("I think the correct answer is C, because of the fur.", "C"),
-    ("It is a dog.", "B"),  # no letter: the only option text that appears
+    ("It is a dog.", "B"), ("The answer is a dog.", "B"), ("A is wrong; the answer is B because of the fur", "B"),
+    ("answer is c", "C"), ("Option (D) fits best, not A.", "D"),  # no letter: the only option text that appears
     ("a black cat sits there", "C"),  # "cat" inside "black cat" does not count twice
     ("A or B", None), ("a cat and a dog", None), ("no idea", None), ("", None),
     ("(e)", None),  # not an option

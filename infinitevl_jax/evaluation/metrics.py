@@ -19,13 +19,13 @@ from typing import Iterable, Mapping, Sequence
 
 # --------------------------------------------------------------------------------------------- multiple choice
 
+_MARKER = r"(?i:answer|option|choice)\s*(?i:is|:|-|would be|should be)?\s*(?i:option\s*)?"
+# A lower-case letter after "answer is" must end the clause: "the answer is a dog" names no option.
 _LETTER_PATTERNS = (
-    # "The answer is (B)", "answer: b", "Answer - B.", "correct option is C", "choose D"
-    r"(?:answer|option|choice)\s*(?:is|:|-|would be|should be)?\s*(?:option\s*)?[\(\[]?\s*([A-Za-z])\s*[\)\]]?(?![A-Za-z])",
-    # "(b)", "[C]"
-    r"[\(\[]\s*([A-Za-z])\s*[\)\]]",
-    # "B." / "B)" / "b:" at the very start
-    r"^\s*([A-Za-z])\s*[\.\):](?![A-Za-z0-9])",
+    _MARKER + r"[\(\[]?\s*([A-Z])\s*[\)\]]?(?![A-Za-z])",  # "Answer: B because ..."
+    _MARKER + r"[\(\[]?\s*([A-Za-z])\s*[\)\]]?(?=\s*(?:[\.,;:!\)\]]|$))",  # "the answer is b."
+    r"[\(\[]\s*([A-Za-z])\s*[\)\]]",  # "(b)", "[C]"
+    r"^\s*([A-Za-z])\s*[\.\):](?![A-Za-z0-9])",  # "B." / "b)" at the very start
 )
 
 
@@ -50,7 +50,7 @@ def extract_choice(reply: str, options: Mapping[str, str]) -> str | None:
         return standalone.pop()
     marked = []
     for pattern in _LETTER_PATTERNS:
-        for m in re.finditer(pattern, text, flags=re.IGNORECASE if pattern[0] != "^" else 0):
+        for m in re.finditer(pattern, text):
             if m.group(1).upper() in letters:
                 marked.append((m.start(1), m.group(1).upper()))
     if marked:

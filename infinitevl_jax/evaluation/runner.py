@@ -229,7 +229,7 @@ class ModelAnswerer:
         from infinitevl_jax.inference.engine import bucket_length
 
         T = bucket_length(max(len(r["input_ids"]) for r in rows), self.prefill_chunk)
-        pad = self.processor.pad_token_id
+        pad = self.processor.pad_token_id if self.processor.pad_token_id is not None else self.processor.eos_token_id
         ids = np.full((len(rows), T), pad, np.int32)
         mask = np.zeros((len(rows), T), np.int32)
         for b, r in enumerate(rows):
