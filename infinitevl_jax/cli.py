@@ -17,6 +17,8 @@ SUBCOMMANDS: list[tuple[str, str, str]] = [
     ("make-synthetic", "infinitevl_jax.data.synthetic", "write the procedural image/video Q&A dataset"),
     ("eval", "infinitevl_jax.evaluation.cli", "evaluate a checkpoint on VLM benchmarks from local files"),
     ("convert", "infinitevl_jax.convert", "convert Hugging Face <-> Orbax checkpoints"),
+    ("generate", "infinitevl_jax.cli_generate", "answer a prompt about images/videos"),
+    ("stream", "infinitevl_jax.cli_stream", "stream a video and answer questions at given times"),
 ]
 
 
