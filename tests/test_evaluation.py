@@ -297,3 +297,27 @@ def test_periodic_evaluator_for_training(tmp_path, monkeypatch):
     saved = json.load(open(tmp_path / "evals" / "step_20" / "results.json"))
     assert saved["checkpoint"] == "step 20" and saved["benchmarks"]["AI2D"]["n"] == 2
     assert seen == [128, 128]
+
+
+def test_runner_groups_questions_by_batch_key(tmp_path):
+    samples = [Sample(str(i), f"q{i}", images=[_image("red", (40 + 10 * (i % 2), 30))], options={"A": "x"},
+                      answers=["A"]) for i in range(4)]
+    calls = []
+
+    def answer(batch):
+        calls.append([p.id for p in batch])
+        return ["A"] * len(batch)
+
+    answer.batch_key = lambda p: p.images[0].size  # what ModelAnswerer.batch_key computes from the resized grid
+    r = runner.evaluate_benchmark("MMStar", samples, answer, predictions_file=str(tmp_path / "p.jsonl"),
+                                  batch_size=2, progress=False)
+    assert calls == [["0", "2"], ["1", "3"]] and r["score"] == 100.0
+    from infinitevl_jax.evaluation.runner import ModelAnswerer
+
+    class _Proc:
+        from infinitevl_jax.processing import ImageProcessorConfig
+        image_config = ImageProcessorConfig()
+
+    key = ModelAnswerer(None, _Proc()).batch_key
+    p = prompts.build_prompt(samples[0], "mcq", min_pixels=56 * 56, max_pixels=112 * 112)
+    assert key(p) == (1, ((56, 84),))  # 30x40 grown to >= 56*56 pixels in multiples of 28

@@ -133,6 +133,11 @@ def evaluate_benchmark(benchmark: Benchmark | str, samples: Sequence[Sample], an
         raise ValueError(f"{bench.name}: duplicate question ids in the data")
     done = read_predictions(predictions_file, repair=writer)
     todo = [s for s in samples if s.id not in done]
+    key = getattr(answer_fn, "batch_key", None)
+    if key is not None:
+        # Questions whose inputs have the same shapes go together, so a batch reuses compiled programs more often.
+        keys = {s.id: key(_prompt(bench, s, min_pixels, max_pixels)) for s in todo}
+        todo.sort(key=lambda s: keys[s.id])
     resumed = len(samples) - len(todo)
     if resumed:
         logger.info("%s: %d/%d answers already in %s", bench.name, resumed, len(samples), predictions_file)
@@ -141,8 +146,7 @@ def evaluate_benchmark(benchmark: Benchmark | str, samples: Sequence[Sample], an
     try:
         for b in range(0, len(todo), batch_size):
             batch = todo[b:b + batch_size]
-            prompts = [build_prompt(s, bench.prompt, min_pixels=min_pixels or bench.min_pixels,
-                                    max_pixels=max_pixels or bench.max_pixels) for s in batch]
+            prompts = [_prompt(bench, s, min_pixels, max_pixels) for s in batch]
             replies = answer_fn(prompts)
             if len(replies) != len(batch):
                 raise ValueError(f"answer_fn returned {len(replies)} replies for {len(batch)} prompts")
@@ -157,6 +161,11 @@ def evaluate_benchmark(benchmark: Benchmark | str, samples: Sequence[Sample], an
     result.update(resumed=resumed, answered=len(todo), seconds=round(elapsed, 3), limit=limit,
                   predictions=os.path.basename(predictions_file))
     return result
+
+
+def _prompt(bench: Benchmark, sample: Sample, min_pixels: int | None, max_pixels: int | None) -> Prompt:
+    return build_prompt(sample, bench.prompt, min_pixels=min_pixels or bench.min_pixels,
+                        max_pixels=max_pixels or bench.max_pixels)
 
 
 # ------------------------------------------------------------------------------------------- results files
@@ -218,6 +227,23 @@ class ModelAnswerer:
                 {**self.processor.image_config.to_dict(), "min_pixels": min_pixels, "max_pixels": max_pixels})
             self._processors[key] = proc
         return self._processors[key]
+
+    def batch_key(self, prompt: Prompt) -> tuple:
+        """The resized (height, width) of each image: equal keys give equal vision-tower shapes."""
+        from PIL import Image
+
+        from infinitevl_jax.processing import smart_resize
+
+        cfg = self._processor_for(prompt.min_pixels, prompt.max_pixels).image_config
+        sizes = []
+        for image in prompt.images:
+            if isinstance(image, (str, os.PathLike)):
+                with Image.open(image) as im:  # reads the header only
+                    width, height = im.size
+            else:
+                width, height = image.size
+            sizes.append(smart_resize(height, width, cfg.factor, cfg.min_pixels, cfg.max_pixels))
+        return (len(sizes), tuple(sizes))
 
     def encode(self, prompt: Prompt) -> dict[str, np.ndarray]:
         proc = self._processor_for(prompt.min_pixels, prompt.max_pixels)
