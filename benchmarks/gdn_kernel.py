@@ -174,12 +174,38 @@ def stage_times(T, args):
   return out
 
 
+def one_stage(name, T):
+  """Compile and time one Pallas GPU stage alone (isolates compile-time or run-time trouble)."""
+  C = 64
+  args, _ = inputs(0, T)
+  q, k, v, gam, beta, h0, m, seg = jax.jit(lambda *a: gdn_chunk._prepare(*a, K ** -0.5, None, True, None, C))(*args)
+  w = jnp.zeros_like(k) + k
+  u = v
+  h = jnp.zeros((B * H, T // C, K, V), q.dtype)
+  stages = {
+      "wu": (lambda *a: pallas_gpu.wu(*a, chunk_size=C), (k, v, gam, beta, m, seg)),
+      "fwd": (lambda *a: pallas_gpu.forward(*a, False, chunk_size=C)[:2], (q, k, w, u, gam, m, seg, h0)),
+      "fwd_store": (lambda *a: pallas_gpu.forward(*a, True, chunk_size=C), (q, k, w, u, gam, m, seg, h0)),
+      "bwd_state": (lambda *a: pallas_gpu.backward_state(*a, chunk_size=C), (q, k, w, v, gam, m, seg, h0)),
+      "grads": (lambda *a: pallas_gpu.grads(*a, chunk_size=C), (q, k, v, gam, beta, m, seg, h, h, v)),
+  }
+  fn, fargs = stages[name]
+  t0 = time.perf_counter()
+  comp = jax.jit(fn).lower(*fargs).compile()
+  t1 = time.perf_counter()
+  print(f"stage {name} T={T} compile {t1 - t0:.1f}s", flush=True)
+  print(f"stage {name} T={T} run {bench_jax(comp, fargs, reps=3, inner=5):.3f} ms", flush=True)
+
+
 def main():
   ap = argparse.ArgumentParser()
+  ap.add_argument("--stage", default=None)
   ap.add_argument("--out", default=os.environ.get("OUT", "."))
   ap.add_argument("--lengths", default="8192,32768,131072")
   ap.add_argument("--skip-correctness", action="store_true")
   a = ap.parse_args()
+  if a.stage:
+    return one_stage(a.stage, int(a.lengths.split(",")[0]))
   dev = jax.devices()[0]
   info = {"device": dev.device_kind, "jax": jax.__version__, "bv": pallas_gpu.BV}
   print(info, flush=True)

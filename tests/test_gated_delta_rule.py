@@ -114,6 +114,15 @@ def test_pallas_forward_and_grads(backend):
   check_grads(backend, x)
 
 
+def test_gpu_value_blocks(monkeypatch):
+  """Several value-column blocks per program (the GPU sequential passes and gradient kernel split V)."""
+  from pallas_kernels.gated_delta_rule import pallas_gpu
+  monkeypatch.setattr(pallas_gpu, "BV", 16)
+  x = make_inputs(6, 1, 70, 1, 16, 32)
+  check_forward("pallas_gpu", x, 1e-5)
+  check_grads("pallas_gpu", x)
+
+
 @pytest.mark.parametrize("backend", PALLAS)
 def test_pallas_bf16_forward(backend):
   x = make_inputs(4, 1, 65, 1, 32, 32, dtype=jnp.bfloat16)

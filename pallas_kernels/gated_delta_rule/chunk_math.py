@@ -148,14 +148,17 @@ def chunk_backward_state(q, k, w, do, gam, m, seg, dS1):
   return gl * dS1 + dot((q * E).astype(cdt), do, ta=True) - dot(w.astype(cdt), dvn.astype(cdt), ta=True)
 
 
-def chunk_backward(q, k, v, gam, beta, m, seg, S0, dS1, do, inverse=unit_lower_inverse):
-  """Gradients of one chunk given its entry state S0 and the gradient dS1 of its exit state [K, V].
+def chunk_backward(q, k, gam, beta, m, seg, load, store_dv, nblk=1, inverse=unit_lower_inverse):
+  """Gradients of one chunk given its entry state S0 and the gradient dS1 of its exit state.
 
-  Returns dq, dk [C, K], dv [C, V], dbeta, dgam [C, 1] (float32). dgam is w.r.t. the within-chunk cumulative
+  The value dimension is visited in `nblk` column blocks: `load(j)` returns (v_j [C, bv], S0_j [K, bv],
+  dS1_j [K, bv], do_j [C, bv]) and `store_dv(j, dv_j)` writes dv's block; every sum over the value columns is
+  accumulated across blocks, so a kernel never holds a whole [K, V] state (on GPU it would not fit in registers).
+  Returns dq, dk [C, K] and dbeta, dgam [C, 1] (float32). dgam is w.r.t. the within-chunk cumulative
   log-decay; the caller turns it into dg with a reverse cumulative sum.
   """
   cdt = q.dtype
-  C = q.shape[0]
+  C, K = q.shape
   c_ = lambda x: x.astype(cdt)
   D, E, F, gl = gates(gam, m, seg)
   strict = strict_lower(C)
@@ -163,29 +166,40 @@ def chunk_backward(q, k, v, gam, beta, m, seg, S0, dS1, do, inverse=unit_lower_i
   L = jnp.where(strict, beta * kk * D, 0.0)
   A = inverse(L)
   Ac = c_(A)
-  xw = beta * E * k
-  U = dot(Ac, c_(beta * v))
-  W = dot(Ac, c_(xw))
-  S0c, dS1c = c_(S0), c_(dS1)
-  vn = U - dot(c_(W), S0c)
+  W = dot(Ac, c_(beta * E * k))
+  Wc = c_(W)
   qk = dot(q, k, tb=True)
-  P = qk * D
-  dvn = dot(c_(P), do, ta=True) + dot(c_(k * F), dS1c)
-  dW = -dot(c_(dvn), S0c, tb=True)
-  dxu = dot(Ac, c_(dvn), ta=True)
+  Pc = c_(qk * D)
+  kF = c_(k * F)
+
+  def block(j, acc):
+    dW, doS, Z, dPr, dLu, dbu, dgl = acc
+    v, S0, dS1, do = load(j)
+    S0c, dS1c, do = c_(S0), c_(dS1), c_(do)
+    U = dot(Ac, c_(beta * v))
+    vn = U - dot(Wc, S0c)
+    vnc = c_(vn)
+    dvn = dot(Pc, do, ta=True) + dot(kF, dS1c)
+    dxu = dot(Ac, c_(dvn), ta=True)
+    store_dv(j, beta * dxu)
+    return (dW - dot(c_(dvn), S0c, tb=True), doS + dot(do, S0c, tb=True), Z + dot(vnc, dS1c, tb=True),
+            dPr + dot(do, vnc, tb=True), dLu + dot(c_(dxu), c_(U), tb=True),
+            dbu + jnp.sum(dxu * v, axis=1, keepdims=True),
+            dgl + jnp.sum(jnp.sum(S0 * dS1, axis=1, keepdims=True), axis=0, keepdims=True))
+
+  z = lambda *s: jnp.zeros(s, f32)
+  acc = (z(C, K), z(C, K), z(C, K), z(C, C), z(C, C), z(C, 1), z(1, 1))
+  acc = block(0, acc) if nblk == 1 else lax.fori_loop(0, nblk, block, acc)
+  dW, doS, Z, dPr, dLu, dbu, dgl = acc
   dxw = dot(Ac, c_(dW), ta=True)
-  dL = jnp.where(strict, -(dot(c_(dxu), c_(U), tb=True) + dot(c_(dxw), c_(W), tb=True)), 0.0)
-  dv = beta * dxu
-  dbeta = (jnp.sum(dxu * v, axis=1, keepdims=True) + jnp.sum(dxw * E * k, axis=1, keepdims=True)
-           + jnp.sum(dL * kk * D, axis=1, keepdims=True))
+  dL = jnp.where(strict, -(dLu + dot(c_(dxw), Wc, tb=True)), 0.0)
+  dbeta = dbu + jnp.sum(dxw * E * k, axis=1, keepdims=True) + jnp.sum(dL * kk * D, axis=1, keepdims=True)
   dk = beta * E * dxw
   dE = beta * jnp.sum(dxw * k, axis=1, keepdims=True)
-  # O = (E Q) S0 + P V'
-  dPr = dot(do, c_(vn), tb=True)
-  dP = dPr * D
-  doS = dot(do, S0c, tb=True)
-  dq = dot(c_(dP), k) + E * doS
-  dk = dk + dot(c_(dP), q, ta=True)
+  # O = (E Q) S0 + (Q K^T * D) V'
+  dP = c_(dPr * D)
+  dq = dot(dP, k) + E * doS
+  dk = dk + dot(dP, q, ta=True)
   dD = dPr * qk
   dE = dE + jnp.sum(q * doS, axis=1, keepdims=True)
   # L = beta (K K^T) * D
@@ -193,10 +207,8 @@ def chunk_backward(q, k, v, gam, beta, m, seg, S0, dS1, do, inverse=unit_lower_i
   dk = dk + dot(G, k) + dot(G, k, ta=True)
   dD = dD + dL * beta * kk
   # S1 = gl S0 + (F K)^T V'
-  Z = dot(c_(vn), dS1c, tb=True)
   dk = dk + F * Z
   dF = jnp.sum(k * Z, axis=1, keepdims=True)
-  dgl = jnp.sum(jnp.sum(S0 * dS1, axis=1, keepdims=True), axis=0, keepdims=True)
   # back to gam through D, E, F, gl
   DD = dD * D
   FF = dF * F
@@ -204,4 +216,4 @@ def chunk_backward(q, k, v, gam, beta, m, seg, S0, dS1, do, inverse=unit_lower_i
   tail = jnp.sum(FF, axis=0, keepdims=True) + dgl * gl
   dgam = (jnp.sum(DD, axis=1, keepdims=True) - row_to_col(jnp.sum(DD, axis=0, keepdims=True))
           + dE * E - FF + jnp.where(r == C - 1, tail, 0.0))
-  return dq, dk, dv, dbeta, dgam
+  return dq, dk, dbeta, dgam

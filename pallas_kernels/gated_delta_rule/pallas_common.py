@@ -6,6 +6,8 @@ and interpret mode differ between Mosaic TPU and Triton.
 
 from __future__ import annotations
 
+import functools
+
 import jax
 import jax.numpy as jnp
 from jax.experimental import pallas as pl
@@ -43,23 +45,34 @@ def wu_call(k, v, gam, beta, m, seg, *, chunk_size, compiler_params, interpret):
 
 
 def _grads_kernel(q_ref, k_ref, v_ref, gam_ref, beta_ref, m_ref, seg_ref, h_ref, dh_ref, do_ref,
-                  dq_ref, dk_ref, dv_ref, dbeta_ref, dgam_ref):
-  out = cm.chunk_backward(q_ref[...], k_ref[...], v_ref[...], gam_ref[...], beta_ref[...], m_ref[...],
-                          seg_ref[...], h_ref[...].astype(jnp.float32), dh_ref[...].astype(jnp.float32),
-                          do_ref[...])
-  for ref, x in zip((dq_ref, dk_ref, dv_ref, dbeta_ref, dgam_ref), out):
+                  dq_ref, dk_ref, dv_ref, dbeta_ref, dgam_ref, *, bv, nblk):
+  def cols(j):
+    return pl.ds(pl.multiple_of(j * bv, bv), bv) if nblk > 1 else slice(None)
+
+  def load(j):
+    s = cols(j)
+    return (v_ref[:, s], h_ref[:, s].astype(jnp.float32), dh_ref[:, s].astype(jnp.float32), do_ref[:, s])
+
+  def store_dv(j, dv):
+    dv_ref[:, cols(j)] = dv.astype(dv_ref.dtype)
+
+  out = cm.chunk_backward(q_ref[...], k_ref[...], gam_ref[...], beta_ref[...], m_ref[...], seg_ref[...],
+                          load, store_dv, nblk)
+  for ref, x in zip((dq_ref, dk_ref, dbeta_ref, dgam_ref), out):
     ref[...] = x.astype(ref.dtype)
 
 
-def grads_call(q, k, v, gam, beta, m, seg, h, dh, do, *, chunk_size, compiler_params, interpret):
+def grads_call(q, k, v, gam, beta, m, seg, h, dh, do, *, chunk_size, compiler_params, interpret, bv=None):
   """dq, dk [N,Tp,K], dv [N,Tp,V] (q.dtype), dbeta, dgam [N,Tp,1] float32."""
   N, Tp, K = q.shape
   V = v.shape[-1]
   C = chunk_size
   col = _row_spec(C, 1)
   sds = jax.ShapeDtypeStruct
+  bv = V if bv is None else min(bv, V)
+  kernel = functools.partial(_grads_kernel, bv=bv, nblk=V // bv)
   return pl.pallas_call(
-      _grads_kernel, grid=(N, Tp // C),
+      kernel, grid=(N, Tp // C),
       in_specs=[_row_spec(C, K), _row_spec(C, K), _row_spec(C, V), col, col, col, col,
                 _state_spec(K, V), _state_spec(K, V), _row_spec(C, V)],
       out_specs=[_row_spec(C, K), _row_spec(C, K), _row_spec(C, V), col, col],

@@ -23,14 +23,14 @@ BV = 64  # value columns per program of the sequential passes
 
 def wu(k, v, gam, beta, m, seg, *, chunk_size):
   return pallas_common.wu_call(k, v, gam, beta, m, seg, chunk_size=chunk_size,
-                               compiler_params=_compat.triton_params(num_warps=4, num_stages=2),
+                               compiler_params=_compat.triton_params(num_warps=8, num_stages=2),
                                interpret=_compat.gpu_interpret())
 
 
 def grads(q, k, v, gam, beta, m, seg, h, dh, do, *, chunk_size):
   return pallas_common.grads_call(q, k, v, gam, beta, m, seg, h, dh, do, chunk_size=chunk_size,
                                   compiler_params=_compat.triton_params(num_warps=8, num_stages=1),
-                                  interpret=_compat.gpu_interpret())
+                                  interpret=_compat.gpu_interpret(), bv=BV)
 
 
 def _forward_kernel(q_ref, k_ref, w_ref, u_ref, gam_ref, m_ref, seg_ref, h0_ref, o_ref, hT_ref, *rest, C, NT):

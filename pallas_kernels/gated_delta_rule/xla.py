@@ -62,7 +62,12 @@ def backward_state(q, k, w, do, gam, m, seg, dhT, *, chunk_size):
 
 
 def grads(q, k, v, gam, beta, m, seg, h, dh, do, *, chunk_size):
-  f = lambda *a: cm.chunk_backward(*a, inverse=_solve_inverse)
+  def f(q, k, v, gam, beta, m, seg, S0, dS1, do):
+    box = {}
+    dq, dk, dbeta, dgam = cm.chunk_backward(q, k, gam, beta, m, seg, lambda j: (v, S0, dS1, do),
+                                            lambda j, dv: box.update(dv=dv), inverse=_solve_inverse)
+    return dq, dk, box["dv"], dbeta, dgam
+
   ch = lambda x: _chunks(x, chunk_size)
   out = jax.vmap(jax.vmap(f))(ch(q), ch(k), ch(v), ch(gam), ch(beta), ch(m), ch(seg), h, dh, ch(do))
   return tuple(_unchunk(x) for x in out)
