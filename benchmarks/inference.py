@@ -157,7 +157,7 @@ def main():
         res["teacher_decode"][C] = {"ms": ms, "cache_bytes": cache.nbytes()}
         print(f"teacher decode ctx={C}: {ms:.2f} ms/token, cache {cache.nbytes()/1e9:.2f} GB", flush=True)
         del cache
-    out = os.environ.get("OUT", ".")
+    out = os.environ.get("OUT") or "/tmp"
     with open(os.path.join(out, "inference.json"), "w") as f:
         json.dump(res, f, indent=1, default=str)
     print(json.dumps(res, default=str))
