@@ -93,6 +93,12 @@ class LossConfig:
 
 
 @dataclasses.dataclass(frozen=True)
+class KernelConfig:
+    gdn: str = "auto"  # infinitevl_jax.ops.GDN_BACKENDS
+    attention: str = "auto"  # infinitevl_jax.ops.ATTENTION_BACKENDS
+
+
+@dataclasses.dataclass(frozen=True)
 class CheckpointConfig:
     dir: str | None = None
     every: int = 1000
@@ -127,6 +133,7 @@ class TrainConfig:
     no_decay: tuple = NO_DECAY
     lora: LoraConfig = dataclasses.field(default_factory=LoraConfig)
     loss: LossConfig = dataclasses.field(default_factory=LossConfig)
+    kernels: KernelConfig = dataclasses.field(default_factory=KernelConfig)
     checkpoint: CheckpointConfig = dataclasses.field(default_factory=CheckpointConfig)
     eval: EvalConfig = dataclasses.field(default_factory=EvalConfig)
     log: LogConfig = dataclasses.field(default_factory=LogConfig)
@@ -228,7 +235,13 @@ def apply_overrides(raw: dict, overrides: list[str]) -> dict:
             node = node.setdefault(p, {})
             if not isinstance(node, dict):
                 raise TrainConfigError(f"override {key}: {p} is not a section")
-        node[parts[-1]] = yaml.safe_load(text)
+        value = yaml.safe_load(text)
+        if isinstance(value, str):  # YAML 1.1 reads "1e-3" as a string
+            try:
+                value = float(value)
+            except ValueError:
+                pass
+        node[parts[-1]] = value
     return raw
 
 

@@ -20,7 +20,7 @@ from flax import nnx
 from infinitevl_jax.config import GDN, InfiniteVLConfig
 from infinitevl_jax.modeling.decoder import layer_period
 
-_SLOT = re.compile(r"^(language_model/layers/blocks/layers/)(\d+)(/.*)$")
+_SLOT = re.compile(r"^(language_model/layers/blocks/layers/)(\d+)(?::[a-z_]+)?(/.*)$")
 
 
 @dataclasses.dataclass(frozen=True)

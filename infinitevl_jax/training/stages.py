@@ -85,16 +85,17 @@ def layerwise_loss(student, teacher, batch, cfg):
             continue
         n_layers += stack.num_blocks
 
-        def body(layer, acc, xs):
-            x_in, x_out = xs
-            y = layer(x_in, cos=None, sin=None, segment_ids=seg)
+        graph, state = nnx.split(stack.blocks.layers[slot])  # leaves [num_blocks, ...]
+
+        def body(acc, xs, graph=graph):
+            layer_state, x_in, x_out = xs
+            y = nnx.merge(graph, layer_state)(x_in, cos=None, sin=None, segment_ids=seg)
             d = jnp.square(y.astype(jnp.float32) - x_out.astype(jnp.float32))
-            return acc + jnp.sum(jnp.where(mask, d, 0.0))
+            return acc + jnp.sum(jnp.where(mask, d, 0.0)), None
 
         if stack.remat_policy != "none":
-            body = nnx.remat(body)
-        scan = nnx.scan(body, in_axes=(0, nnx.Carry, 0), out_axes=nnx.Carry)
-        total = scan(stack.blocks.layers[slot], total, (ins[slot::period], outs[slot::period]))
+            body = jax.checkpoint(body)
+        total, _ = jax.lax.scan(body, total, (state, ins[slot::period], outs[slot::period]))
     if n_layers == 0:
         raise ValueError("stage layerwise needs Gated DeltaNet layers in the student")
     # mean over layers, tokens and channels, x scale: the count is tokens; the constant factors go in the sum.

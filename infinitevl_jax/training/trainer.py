@@ -22,7 +22,7 @@ import numpy as np
 import optax
 from flax import nnx
 
-from infinitevl_jax import config as model_config
+from infinitevl_jax import config as model_config, ops
 from infinitevl_jax.modeling.model import InfiniteVLForConditionalGeneration, prepare_inputs
 from infinitevl_jax.training import checkpointing, lora, params as P
 from infinitevl_jax.training.config import TrainConfig
@@ -187,9 +187,15 @@ class StepFns:
             total, count, correct = answer_ce(model, batch, cfg.loss.chunk_size)
             return total, count, correct
 
-        self.loss_fn = loss_fn
-        self.train_step = jax.jit(train_step, donate_argnums=(0, 1))
-        self.eval_step = jax.jit(eval_step)
+        def kernels(fn):  # the backends are chosen while tracing
+            def traced(*args):
+                with ops.use_backends(gdn=cfg.kernels.gdn, attention=cfg.kernels.attention):
+                    return fn(*args)
+            return traced
+
+        self.loss_fn = kernels(loss_fn)
+        self.train_step = jax.jit(kernels(train_step), donate_argnums=(0, 1))
+        self.eval_step = jax.jit(kernels(eval_step))
 
 
 def exact_match(correct: np.ndarray, labels: np.ndarray, segment_ids: np.ndarray) -> tuple[int, int]:
