@@ -25,7 +25,8 @@ def register(subparsers) -> None:
     p.add_argument("--max-pixels", type=int, default=None, help="default 2304*28*28")
     p.add_argument("--dtype", default=None, help="compute dtype, e.g. bfloat16 (default: the stored one)")
     p.add_argument("--mesh", default=None,
-                   help="shard the parameters over a (data,fsdp,tensor) mesh, e.g. 1,-1,1 (default: one device)")
+                   help="experimental: shard the parameters over a (data,fsdp,tensor) mesh, e.g. 1,-1,1 "
+                        "(default: one device)")
     p.add_argument("--no-progress", action="store_true")
     p.set_defaults(func=run)
 
@@ -37,12 +38,17 @@ def run(args: argparse.Namespace) -> int:
     from infinitevl_jax.evaluation.runner import EvalSpec, evaluate_model, results_markdown
     from infinitevl_jax.processing import Processor
 
-    mesh = None
+    mesh = shardings = None
     if args.mesh:
+        from flax import nnx
+
         from infinitevl_jax import sharding
 
         mesh = sharding.make_mesh(args.mesh)
-    model = checkpoint.load(args.ckpt, mesh=mesh, dtype=args.dtype)
+
+        def shardings(abstract, mesh):  # flat {nnx path: sharding}, the form checkpoint.load reads as is
+            return dict(nnx.to_flat_state(sharding.param_shardings(abstract, mesh)))
+    model = checkpoint.load(args.ckpt, mesh=mesh, dtype=args.dtype, shardings=shardings)
     processor = Processor.from_pretrained(args.processor or args.ckpt)
     out = args.out or os.path.join("eval_results", os.path.basename(os.path.normpath(args.ckpt)), "results.json")
     specs = [EvalSpec(b, d, args.image_root) for b, d in zip(args.benchmark, args.data)]
