@@ -484,10 +484,10 @@ def load(path: str | os.PathLike, mesh: jax.sharding.Mesh | None = None, *, dtyp
         if shardings is None:
             from infinitevl_jax import sharding as sharding_lib
 
-            shardings = sharding_lib.model_shardings
+            shardings = sharding_lib.param_shardings
         tree = shardings(abstract, mesh)
-        target_sharding = dict(nnx.to_flat_state(tree)) if not isinstance(tree, Mapping) else dict(tree)
-        target_sharding = {p: getattr(s, "value", s) for p, s in target_sharding.items()}
+        tree = dict(nnx.to_flat_state(tree)) if isinstance(tree, nnx.State) else dict(tree)
+        target_sharding = {p: s.get_value() if isinstance(s, nnx.Variable) else s for p, s in tree.items()}
     target = _nest({p: jax.ShapeDtypeStruct(v.shape, v.dtype, sharding=target_sharding[p]) for p, v in flat})
     try:
         restored = _ocp().load(os.path.join(path, PARAMS_DIR), target)

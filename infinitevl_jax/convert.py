@@ -204,7 +204,8 @@ def hf_config_dict(config: InfiniteVLConfig, torch_dtype: str = "bfloat16") -> d
         "num_heads": v.num_heads, "in_chans": v.in_channels, "patch_size": v.patch_size,
         "temporal_patch_size": v.temporal_patch_size, "spatial_merge_size": v.spatial_merge_size,
         "window_size": v.window_size, "out_hidden_size": v.out_hidden_size,
-        "fullatt_block_indexes": list(v.fullatt_block_indexes), "tokens_per_second": v.tokens_per_second,
+        "fullatt_block_indexes": list(v.fullatt_block_indexes),
+        "tokens_per_second": int(v.tokens_per_second) if float(v.tokens_per_second).is_integer() else v.tokens_per_second,
         "hidden_act": "silu",
     }
     return d
@@ -322,13 +323,15 @@ def verify(hf_dir: str, ckpt_dir: str, prompt: str = "The capital of France is")
     try:
         from transformers import AutoTokenizer
 
-        ids = AutoTokenizer.from_pretrained(hf_dir)(prompt)["input_ids"]
-    except Exception:  # no tokenizer files: fixed ids
+        ids = [int(i) for i in AutoTokenizer.from_pretrained(hf_dir)(prompt)["input_ids"]]
+    except Exception:  # no usable tokenizer files
+        ids = []
+    if not ids or max(ids) >= config.text.vocab_size:  # fixed ids instead
         ids = [int(i) for i in np.random.default_rng(0).integers(0, min(config.text.vocab_size, 1000), 8)]
     hf = Qwen2_5_VLForConditionalGeneration.from_pretrained(hf_dir, dtype=torch.float32,
                                                             attn_implementation="eager").eval()
     with torch.no_grad():
-        ref = hf(input_ids=torch.tensor([ids])).logits.float().numpy()
+        ref = hf(input_ids=torch.tensor([ids], dtype=torch.long)).logits.float().numpy()
     del hf
     model = ckpt.load(ckpt_dir, dtype=jnp.float32)
     ours = np.asarray(model(np.asarray([ids], np.int32)), np.float32)

@@ -171,8 +171,8 @@ def test_round_trip_changed_params_back_to_pytorch(tmp_path, kind, layout):
         torch_model = Qwen2_5_VLForConditionalGeneration.from_pretrained(
             export, dtype=torch.float32, attn_implementation="eager").eval()
     else:  # no transformers class: the PyTorch oracle with the release's names, strict load
-        torch_model = tiny_hf_model(cfg, layer_types=["sliding_attention"] + ["full_attention"] * 3,
-                                    gdn_layers=[1, 2, 3], seed=3)
+        torch_model = tiny_hf_model(cfg, tie=cfg.text.tie_word_embeddings, gdn_layers=[1, 2, 3], seed=3,
+                                    layer_types=["sliding_attention"] + ["full_attention"] * 3)
         sd = {}
         for fname in sorted(set(index["weight_map"].values())):
             sd.update(load_file(export / fname))
@@ -297,7 +297,8 @@ def test_error_while_writing_removes_partial_output(tmp_path, capsys, monkeypatc
         return real(self, key)
 
     monkeypatch.setattr(ckpt.HFCheckpointReader, "read", failing)
-    _fails(capsys, tmp_path, ["--hf-dir", str(hf)], "cannot read tensor", calls[-1] if calls else "")
+    _fails(capsys, tmp_path, ["--hf-dir", str(hf)], "cannot read tensor", "(disk error)")
+    assert len(calls) == 20
 
 
 def test_script_exit_code_without_traceback(tmp_path):
@@ -318,7 +319,7 @@ _SHARDED = textwrap.dedent("""
     from infinitevl_jax.modeling.model import prepare_inputs
     assert jax.device_count() == 8
     path = sys.argv[1]
-    mesh = jax.make_mesh((8,), ("fsdp",))
+    mesh = jax.make_mesh((8,), ("fsdp",), axis_types=(jax.sharding.AxisType.Auto,))
 
     def fsdp(abstract, mesh):  # shard each parameter's largest axis divisible by 8 (FSDP), replicate the rest
         out = {}
@@ -330,17 +331,24 @@ _SHARDED = textwrap.dedent("""
             out[p] = NamedSharding(mesh, P(*spec))
         return out
 
-    sharded = ckpt.load(path, mesh, shardings=fsdp)
+    try:  # the project's logical-axis rules when present, else the plain FSDP rule above
+        from infinitevl_jax import sharding
+        mesh = sharding.make_mesh((1, 8, 1))
+        sharded = ckpt.load(path, mesh)
+    except ImportError:
+        sharded = ckpt.load(path, mesh, shardings=fsdp)
     flat = dict(nnx.to_flat_state(nnx.state(sharded, nnx.Param)))
     emb = flat[("language_model", "embed_tokens", "embedding")][...]
-    assert emb.sharding.spec == P("fsdp", None) and len(emb.addressable_shards) == 8, emb.sharding
-    assert emb.addressable_shards[0].data.shape[0] == emb.shape[0] // 8
+    assert "fsdp" in emb.sharding.spec and len(emb.addressable_shards) == 8, emb.sharding
+    assert emb.addressable_shards[0].data.size == emb.size // 8
     plain = ckpt.load(path)
     ids = np.random.default_rng(0).integers(0, 900, (2, 12)).astype(np.int32)
     inputs = prepare_inputs(plain.config, ids)
     run = lambda m: np.asarray(jax.jit(lambda s, i: nnx.merge(nnx.graphdef(m), s).forward(**i))(nnx.state(m), inputs))
-    a, b = run(sharded), run(plain)
-    np.testing.assert_allclose(a, b, atol=1e-5, rtol=0)
+    b = run(plain)
+    with jax.set_mesh(mesh):
+        a = run(sharded)
+    np.testing.assert_allclose(a, b, atol=1e-4, rtol=0)
     print("OK", np.abs(a - b).max())
 """)
 
@@ -350,5 +358,5 @@ def test_restore_into_fsdp_sharding_on_8_devices(tmp_path):
     assert convert.main(["--hf-dir", str(tmp_path / "hf"), "--out", str(tmp_path / "out"), "--quiet"]) == 0
     env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=8", JAX_PLATFORMS="cpu")
     proc = subprocess.run([sys.executable, "-c", _SHARDED, str(tmp_path / "out")], capture_output=True, text=True,
-                          env=env, cwd=REPO)
+                          env=env, cwd=REPO, timeout=600)
     assert proc.returncode == 0 and "OK" in proc.stdout, proc.stderr[-3000:]
