@@ -123,6 +123,17 @@ def test_gpu_value_blocks(monkeypatch):
   check_grads("pallas_gpu", x)
 
 
+@pytest.mark.slow
+def test_gpu_version1(monkeypatch):
+  """The version-1 GPU path (per-step gates and Q K^T, inverse recomputed in the gradient kernel) stays correct."""
+  from pallas_kernels.gated_delta_rule import pallas_gpu
+  monkeypatch.setattr(pallas_gpu, "FUSED_PREP", False)
+  monkeypatch.setattr(pallas_gpu, "BV", 16)
+  x = make_inputs(7, 1, 70, 1, 16, 32)
+  check_forward("pallas_gpu", x, 1e-5)
+  check_grads("pallas_gpu", x)
+
+
 @pytest.mark.parametrize("backend", PALLAS)
 def test_pallas_bf16_forward(backend):
   x = make_inputs(4, 1, 65, 1, 32, 32, dtype=jnp.bfloat16)

@@ -58,6 +58,10 @@ def resolve_backend(backend, K, V, chunk_size, dtype) -> str:
 @functools.partial(jax.custom_vjp, nondiff_argnums=(0, 1))
 def _core(backend, C, q, k, v, gam, beta, h0, m, seg):
   impl = _impl(backend)
+  if getattr(impl, "FUSED_PREP", False):
+    pre = impl.prep(q, k, v, gam, beta, m, seg, chunk_size=C)
+    o, hT, _ = impl.forward_pre(pre, h0, False, chunk_size=C)
+    return o, hT
   w, u = impl.wu(k, v, gam, beta, m, seg, chunk_size=C)
   o, hT, _ = impl.forward(q, k, w, u, gam, m, seg, h0, False, chunk_size=C)
   return o, hT
@@ -73,6 +77,13 @@ def _core_bwd(backend, C, res, cts):
   do, dhT = cts
   impl = _impl(backend)
   do = do.astype(q.dtype)
+  if getattr(impl, "FUSED_PREP", False):
+    pre = impl.prep(q, k, v, gam, beta, m, seg, chunk_size=C)
+    _, _, h = impl.forward_pre(pre, h0, True, need_o=False, chunk_size=C)
+    dh, dh0 = impl.backward_state_pre(pre, do, dhT.astype(jnp.float32), chunk_size=C)
+    dq, dk, dv, dbeta, dgam = impl.grads(q, k, v, gam, beta, m, seg, h, dh, do, chunk_size=C, a=pre["a"])
+    return (dq.astype(q.dtype), dk.astype(k.dtype), dv.astype(v.dtype), dgam, dbeta, dh0,
+            jnp.zeros_like(m), jnp.zeros_like(seg))
   w, u = impl.wu(k, v, gam, beta, m, seg, chunk_size=C)
   _, _, h = impl.forward(q, k, w, u, gam, m, seg, h0, True, chunk_size=C)
   dh, dh0 = impl.backward_state(q, k, w, do, gam, m, seg, dhT.astype(jnp.float32), chunk_size=C)

@@ -44,8 +44,11 @@ def wu_call(k, v, gam, beta, m, seg, *, chunk_size, compiler_params, interpret):
   )(k, v, gam, beta, m, seg)
 
 
-def _grads_kernel(q_ref, k_ref, v_ref, gam_ref, beta_ref, m_ref, seg_ref, h_ref, dh_ref, do_ref,
-                  dq_ref, dk_ref, dv_ref, dbeta_ref, dgam_ref, *, bv, nblk):
+def _grads_kernel(q_ref, k_ref, v_ref, gam_ref, beta_ref, m_ref, seg_ref, h_ref, dh_ref, do_ref, *refs, bv, nblk,
+                  stored_a):
+  a_ref, refs = (refs[0], refs[1:]) if stored_a else (None, refs)
+  dq_ref, dk_ref, dv_ref, dbeta_ref, dgam_ref = refs
+
   def cols(j):
     return pl.ds(pl.multiple_of(j * bv, bv), bv) if nblk > 1 else slice(None)
 
@@ -57,26 +60,27 @@ def _grads_kernel(q_ref, k_ref, v_ref, gam_ref, beta_ref, m_ref, seg_ref, h_ref,
     dv_ref[:, cols(j)] = dv.astype(dv_ref.dtype)
 
   out = cm.chunk_backward(q_ref[...], k_ref[...], gam_ref[...], beta_ref[...], m_ref[...], seg_ref[...],
-                          load, store_dv, nblk)
+                          load, store_dv, nblk, A=None if a_ref is None else a_ref[...])
   for ref, x in zip((dq_ref, dk_ref, dbeta_ref, dgam_ref), out):
     ref[...] = x.astype(ref.dtype)
 
 
-def grads_call(q, k, v, gam, beta, m, seg, h, dh, do, *, chunk_size, compiler_params, interpret, bv=None):
-  """dq, dk [N,Tp,K], dv [N,Tp,V] (q.dtype), dbeta, dgam [N,Tp,1] float32."""
+def grads_call(q, k, v, gam, beta, m, seg, h, dh, do, *, chunk_size, compiler_params, interpret, bv=None, a=None):
+  """dq, dk [N,Tp,K], dv [N,Tp,V] (q.dtype), dbeta, dgam [N,Tp,1] float32. `a` [N,Tp,C]: stored A per chunk."""
   N, Tp, K = q.shape
   V = v.shape[-1]
   C = chunk_size
   col = _row_spec(C, 1)
   sds = jax.ShapeDtypeStruct
   bv = V if bv is None else min(bv, V)
-  kernel = functools.partial(_grads_kernel, bv=bv, nblk=V // bv)
+  kernel = functools.partial(_grads_kernel, bv=bv, nblk=V // bv, stored_a=a is not None)
+  extra = [] if a is None else [a]
   return pl.pallas_call(
       kernel, grid=(N, Tp // C),
       in_specs=[_row_spec(C, K), _row_spec(C, K), _row_spec(C, V), col, col, col, col,
-                _state_spec(K, V), _state_spec(K, V), _row_spec(C, V)],
+                _state_spec(K, V), _state_spec(K, V), _row_spec(C, V)] + [_row_spec(C, C)] * len(extra),
       out_specs=[_row_spec(C, K), _row_spec(C, K), _row_spec(C, V), col, col],
       out_shape=[sds((N, Tp, K), q.dtype), sds((N, Tp, K), q.dtype), sds((N, Tp, V), q.dtype),
                  sds((N, Tp, 1), jnp.float32), sds((N, Tp, 1), jnp.float32)],
       compiler_params=compiler_params, interpret=interpret, name="gdn_grads",
-  )(q, k, v, gam, beta, m, seg, h, dh, do)
+  )(q, k, v, gam, beta, m, seg, h, dh, do, *extra)

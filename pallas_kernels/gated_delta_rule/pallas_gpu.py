@@ -19,6 +19,10 @@ from . import chunk_math as cm
 from . import pallas_common
 
 BV = 64  # value columns per program of the sequential passes
+# Version 2 (default): `prep` hoists all state-independent work (tiled inverse, Q K^T * D, gate columns) into one
+# chunk-parallel kernel, the serial passes read it, and the gradient kernel reuses the stored A. False selects
+# version 1 (wu + forward/backward_state that recompute the gates and Q K^T per step, inverse recomputed in grads).
+FUSED_PREP = True
 
 
 def wu(k, v, gam, beta, m, seg, *, chunk_size):
@@ -27,10 +31,133 @@ def wu(k, v, gam, beta, m, seg, *, chunk_size):
                                interpret=_compat.gpu_interpret())
 
 
-def grads(q, k, v, gam, beta, m, seg, h, dh, do, *, chunk_size):
+def grads(q, k, v, gam, beta, m, seg, h, dh, do, *, chunk_size, a=None):
   return pallas_common.grads_call(q, k, v, gam, beta, m, seg, h, dh, do, chunk_size=chunk_size,
                                   compiler_params=_compat.triton_params(num_warps=8, num_stages=1),
-                                  interpret=_compat.gpu_interpret(), bv=BV)
+                                  interpret=_compat.gpu_interpret(), bv=BV, a=a)
+
+
+# ---------------------------------------------------------------- version 2: state-independent work hoisted
+
+PREP_NAMES = ("w", "u", "a", "p", "qe", "kf", "gl")
+
+
+def _prep_kernel(q_ref, k_ref, v_ref, gam_ref, beta_ref, m_ref, seg_ref, *out_refs):
+  ins = dict(q=q_ref, k=k_ref, v=v_ref, gam=gam_ref, beta=beta_ref, m=m_ref, seg=seg_ref)
+  outs = dict(zip(PREP_NAMES, out_refs))
+  S = cm.SUB
+  rows = lambda b: slice(None) if b is None else pl.ds(b * S, S)
+
+  def load(name, b):
+    return ins[name][rows(b), :]
+
+  def store(name, b, x):
+    ref = outs[name]
+    if name == "a":
+      ref[pl.ds(b[0] * S, S), pl.ds(b[1] * S, S)] = x.astype(ref.dtype)
+    else:
+      ref[rows(b), :] = x.astype(ref.dtype)
+
+  cm.chunk_prep(load, store, q_ref.shape[0])
+
+
+def prep(q, k, v, gam, beta, m, seg, *, chunk_size):
+  """Chunk-parallel: dict of w, u [N,Tp,K|V], a, p [N,Tp,C], qe, kf [N,Tp,K] (q.dtype), gl [N,Tp,1] float32."""
+  N, Tp, K = q.shape
+  V = v.shape[-1]
+  C = chunk_size
+  row = lambda d: pl.BlockSpec((None, C, d), lambda n, c: (n, c, 0))
+  dims = dict(w=K, u=V, a=C, p=C, qe=K, kf=K, gl=1)
+  sds = lambda n: jax.ShapeDtypeStruct((N, Tp, dims[n]), jnp.float32 if n == "gl" else q.dtype)
+  out = pl.pallas_call(
+      _prep_kernel, grid=(N, Tp // C),
+      in_specs=[row(K), row(K), row(V), row(1), row(1), row(1), row(1)],
+      out_specs=[row(dims[n]) for n in PREP_NAMES], out_shape=[sds(n) for n in PREP_NAMES],
+      compiler_params=_compat.triton_params(num_warps=4, num_stages=2), interpret=_compat.gpu_interpret(),
+      name="gdn_prep",
+  )(q, k, v, gam, beta, m, seg)
+  return dict(zip(PREP_NAMES, out))
+
+
+def _forward_pre_kernel(qe_ref, kf_ref, w_ref, u_ref, p_ref, gl_ref, h0_ref, *outs, C, NT, need_o, store):
+  outs = list(outs)
+  o_ref = outs.pop(0) if need_o else None
+  hT_ref = outs.pop(0)
+  h_ref = outs.pop(0) if store else None
+
+  def body(c, S):
+    sl = pl.ds(pl.multiple_of(c * C, C), C)
+    if h_ref is not None:
+      h_ref[c] = S.astype(h_ref.dtype)
+    o, S1 = cm.chunk_forward_pre(qe_ref[sl, :], kf_ref[sl, :], w_ref[sl, :], u_ref[sl, :], p_ref[sl, :],
+                                 gl_ref[sl, :], S, need_o)
+    if need_o:
+      o_ref[sl, :] = o.astype(o_ref.dtype)
+    return S1
+
+  hT_ref[...] = jax.lax.fori_loop(0, NT, body, h0_ref[...].astype(jnp.float32))
+
+
+def forward_pre(pre, h0, store, need_o=True, *, chunk_size):
+  """Sequential state pass over `prep`'s outputs: (o [N,Tp,V] | None, hT [N,K,V] f32, h [N,NT,K,V] | None)."""
+  qe, kf, w, u, p, gl = (pre[n] for n in ("qe", "kf", "w", "u", "p", "gl"))
+  N, Tp, K = qe.shape
+  V = u.shape[-1]
+  C = chunk_size
+  NT = Tp // C
+  bv = min(BV, V)
+  full = lambda d: pl.BlockSpec((None, Tp, d), lambda n, j: (n, 0, 0))
+  cols = pl.BlockSpec((None, Tp, bv), lambda n, j: (n, 0, j))
+  st = pl.BlockSpec((None, K, bv), lambda n, j: (n, 0, j))
+  out_specs = [st]
+  out_shape = [jax.ShapeDtypeStruct((N, K, V), jnp.float32)]
+  if need_o:
+    out_specs.insert(0, cols)
+    out_shape.insert(0, jax.ShapeDtypeStruct((N, Tp, V), qe.dtype))
+  if store:
+    out_specs.append(pl.BlockSpec((None, NT, K, bv), lambda n, j: (n, 0, 0, j)))
+    out_shape.append(jax.ShapeDtypeStruct((N, NT, K, V), qe.dtype))
+  out = list(pl.pallas_call(
+      functools.partial(_forward_pre_kernel, C=C, NT=NT, need_o=need_o, store=store), grid=(N, V // bv),
+      in_specs=[full(K), full(K), full(K), cols, full(C), full(1), st],
+      out_specs=out_specs, out_shape=out_shape,
+      compiler_params=_compat.triton_params(num_warps=4, num_stages=2), interpret=_compat.gpu_interpret(),
+      name="gdn_fwd_state_v2",
+  )(qe, kf, w, u, p, gl, h0))
+  o = out.pop(0) if need_o else None
+  hT = out.pop(0)
+  return o, hT, (out.pop(0) if store else None)
+
+
+def _backward_state_pre_kernel(qe_ref, kf_ref, w_ref, p_ref, gl_ref, do_ref, dhT_ref, dh_ref, dh0_ref, *, C, NT):
+  def body(i, dS):
+    c = NT - 1 - i
+    sl = pl.ds(pl.multiple_of(c * C, C), C)
+    dh_ref[c] = dS.astype(dh_ref.dtype)
+    return cm.chunk_backward_state_pre(qe_ref[sl, :], kf_ref[sl, :], w_ref[sl, :], p_ref[sl, :], gl_ref[sl, :],
+                                       do_ref[sl, :], dS)
+
+  dh0_ref[...] = jax.lax.fori_loop(0, NT, body, dhT_ref[...].astype(jnp.float32))
+
+
+def backward_state_pre(pre, do, dhT, *, chunk_size):
+  qe, kf, w, p, gl = (pre[n] for n in ("qe", "kf", "w", "p", "gl"))
+  N, Tp, K = qe.shape
+  V = do.shape[-1]
+  C = chunk_size
+  NT = Tp // C
+  bv = min(BV, V)
+  full = lambda d: pl.BlockSpec((None, Tp, d), lambda n, j: (n, 0, 0))
+  cols = pl.BlockSpec((None, Tp, bv), lambda n, j: (n, 0, j))
+  st = pl.BlockSpec((None, K, bv), lambda n, j: (n, 0, j))
+  return pl.pallas_call(
+      functools.partial(_backward_state_pre_kernel, C=C, NT=NT), grid=(N, V // bv),
+      in_specs=[full(K), full(K), full(K), full(C), full(1), cols, st],
+      out_specs=[pl.BlockSpec((None, NT, K, bv), lambda n, j: (n, 0, 0, j)), st],
+      out_shape=[jax.ShapeDtypeStruct((N, NT, K, V), qe.dtype), jax.ShapeDtypeStruct((N, K, V), jnp.float32)],
+      compiler_params=_compat.triton_params(num_warps=4, num_stages=2), interpret=_compat.gpu_interpret(),
+      name="gdn_bwd_state_v2",
+  )(qe, kf, w, p, gl, do, dhT)
 
 
 def _forward_kernel(q_ref, k_ref, w_ref, u_ref, gam_ref, m_ref, seg_ref, h0_ref, o_ref, hT_ref, *rest, C, NT):
