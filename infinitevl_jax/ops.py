@@ -3,6 +3,9 @@
 Model code calls ``gated_delta_rule``, ``attention`` and ``attention_with_cache`` here; this module forwards to the
 kernels in ``pallas_kernels`` with the backend chosen by ``use_backends`` (default ``"auto"``: each kernel package
 picks by platform and falls back to its pure-JAX reference where no kernel can run).
+
+Under a mesh (``jax.set_mesh``, see ``sharding``) every kernel runs inside ``shard_map``: batch split over
+``dcn/data/fsdp``, heads over ``tensor``, so a kernel only ever sees one device's block and needs no collectives.
 """
 
 from __future__ import annotations
@@ -11,6 +14,8 @@ import contextlib
 import threading
 
 import jax
+
+from infinitevl_jax import sharding
 
 _state = threading.local()
 _DEFAULTS = {"gdn": "auto", "attention": "auto"}
@@ -56,8 +61,17 @@ def gated_delta_rule(q, k, v, g, beta, *, segment_ids=None, initial_state=None, 
     from pallas_kernels import gated_delta_rule as gdr
 
     fn = gdr.fused_recurrent_gated_delta_rule if recurrent else gdr.chunk_gated_delta_rule
-    return fn(q, k, v, g, beta, initial_state=initial_state, output_final_state=output_final_state,
-              use_qk_l2norm=True, segment_ids=segment_ids, backend=backend("gdn"))
+    chosen = backend("gdn")
+
+    def kernel(q, k, v, g, beta, segment_ids, initial_state):
+        o, state = fn(q, k, v, g, beta, initial_state=initial_state, output_final_state=output_final_state,
+                      use_qk_l2norm=True, segment_ids=segment_ids, backend=chosen)
+        return (o, state) if output_final_state else o
+
+    out = sharding.shard_over_batch_and_heads(
+        kernel, (q, k, v, g, beta, segment_ids, initial_state), ("b.h.", "b.h.", "b.h.", "b.h", "b.h", "b.", "bh.."),
+        ("b.h.", "bh..") if output_final_state else "b.h.", heads=q.shape[2])
+    return out if output_final_state else (out, None)
 
 
 def attention(q, k, v, *, window: int | None, segment_ids=None) -> jax.Array:
@@ -67,12 +81,29 @@ def attention(q, k, v, *, window: int | None, segment_ids=None) -> jax.Array:
     """
     from pallas_kernels import sliding_window_attention as swa
 
-    return swa.sliding_window_attention(q, k, v, window=window, segment_ids=segment_ids, backend=backend("attention"))
+    chosen = backend("attention")
+    mesh = sharding.current_mesh()
+    k, v = sharding.expand_kv_heads(k, q.shape[2], mesh), sharding.expand_kv_heads(v, q.shape[2], mesh)
+
+    def kernel(q, k, v, segment_ids):
+        return swa.sliding_window_attention(q, k, v, window=window, segment_ids=segment_ids, backend=chosen)
+
+    return sharding.shard_over_batch_and_heads(kernel, (q, k, v, segment_ids), ("b.h.", "b.h.", "b.h.", "b."),
+                                               "b.h.", heads=k.shape[2])
 
 
 def attention_with_cache(q, k, v, cache_k, cache_v, cache_positions, q_positions, *, window: int | None) -> jax.Array:
     """A chunk of new queries against a ring buffer of past keys/values plus the chunk itself (decode: chunk of 1)."""
     from pallas_kernels import sliding_window_attention as swa
 
-    return swa.attend_to_cache(q, k, v, cache_k, cache_v, cache_positions, q_positions, window=window,
-                               backend=backend("attention"))
+    chosen = backend("attention")
+    mesh = sharding.current_mesh()
+    k, v, cache_k, cache_v = (sharding.expand_kv_heads(x, q.shape[2], mesh) for x in (k, v, cache_k, cache_v))
+
+    def kernel(q, k, v, cache_k, cache_v, cache_positions, q_positions):
+        return swa.attend_to_cache(q, k, v, cache_k, cache_v, cache_positions, q_positions, window=window,
+                                   backend=chosen)
+
+    return sharding.shard_over_batch_and_heads(
+        kernel, (q, k, v, cache_k, cache_v, cache_positions, q_positions),
+        ("b.h.", "b.h.", "b.h.", "b.h.", "b.h.", "b.", "b."), "b.h.", heads=k.shape[2])
