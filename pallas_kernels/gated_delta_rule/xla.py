@@ -12,14 +12,12 @@ from __future__ import annotations
 
 import jax
 import jax.numpy as jnp
-from jax.scipy.linalg import solve_triangular
-
 from . import chunk_math as cm
 
-
-def _solve_inverse(L):
-  eye = jnp.eye(L.shape[0], dtype=L.dtype)
-  return solve_triangular(eye + L, eye, lower=True, unit_diagonal=True)
+# The blocked substitution of the kernels, not jax.scipy's solve_triangular: on CPU the latter is a LAPACK custom
+# call that queues on a thread pool as large as the core count, and with several devices per host (sharded runs on
+# forced CPU devices) every device thread can end up waiting on it at once.
+_solve_inverse = cm.unit_lower_inverse
 
 
 def _chunks(x, C):
