@@ -19,6 +19,9 @@ from infinitevl_jax.modeling.attention import Attention
 from infinitevl_jax.modeling.gated_deltanet import GatedDeltaNet
 from infinitevl_jax.modeling.layers import MLP
 from infinitevl_jax.modeling.norms import RMSNorm
+from infinitevl_jax.sharding import constrain
+
+HIDDEN_AXES = ("batch", "seq", "act_embed")
 
 REMAT_POLICIES: dict[str, Callable | None] = {
     "none": None,
@@ -107,7 +110,8 @@ class HybridStack(nnx.Module):
         policy = REMAT_POLICIES[self.remat_policy]
 
         def body(block, h):
-            return block(h, cos=cos, sin=sin, segment_ids=segment_ids)
+            # Layer-boundary activations: batch over the data axes, hidden replicated (no-op without a mesh).
+            return constrain(block(h, cos=cos, sin=sin, segment_ids=segment_ids), HIDDEN_AXES)
 
         if self.remat_policy != "none":
             body = nnx.remat(body, policy=policy)
