@@ -126,3 +126,17 @@ def test_legacy_and_current_layouts_load_the_same():
     jax.tree.map(lambda a, b: np.testing.assert_array_equal(np.asarray(a), np.asarray(b)), *states)
     gdn = states[0]["language_model"]["layers"]["blocks"]["layers"][1]["self_attn"]
     np.testing.assert_array_equal(np.asarray(gdn["A_log"][...])[0], tensors["text:layers.1.self_attn.A_log"])
+
+
+def test_traced_program_does_not_grow_with_depth():
+    """The stack is one scanned block: 4 and 12 hybrid layers trace to programs of the same size."""
+    sizes = []
+    for layers in (4, 12):
+        cfg = C.tiny_infinitevl(num_hidden_layers=layers)
+        model = nnx.eval_shape(lambda: InfiniteVLForConditionalGeneration(cfg, rngs=nnx.Rngs(0)))
+        graphdef, state = nnx.split(model)
+        ids = jax.ShapeDtypeStruct((1, 32), np.int32)
+        pos = jax.ShapeDtypeStruct((3, 1, 32), np.int32)
+        fwd = lambda s, i, p: nnx.merge(graphdef, s).forward(i, position_ids=p)
+        sizes.append(len(jax.make_jaxpr(fwd)(state, ids, pos).jaxpr.eqns))
+    assert sizes[0] == sizes[1], sizes
