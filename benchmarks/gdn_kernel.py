@@ -202,7 +202,8 @@ def stage_times(T):
   C = 64
   args, _ = inputs(0, T)
   prep_x = jax.jit(lambda *a: gdn_chunk._prepare(*a, K ** -0.5, None, True, None, C))
-  q, k, v, gam, beta, h0, m, seg = prep_x(*args)
+  q, k, v, g, beta, h0, m, seg = prep_x(*args)
+  gam = gdn_chunk.chunk_cumsum(g, C)
   out = {"xla_prepare": bench_jax(prep_x, args)}
   prep = jax.jit(lambda *a: pallas_gpu.prep(*a, chunk_size=C))
   pre = prep(q, k, v, gam, beta, m, seg)

@@ -7,6 +7,7 @@ The default run is a small covering subset; `-m slow` runs the full grid of issu
 from __future__ import annotations
 
 import functools
+import zlib
 
 import jax
 import jax.numpy as jnp
@@ -182,7 +183,7 @@ GRID = [(T, init, resets, gate) for T in (1, 63, 64, 65, 300) for init in (False
 @pytest.mark.parametrize("backend", ("xla",) + PALLAS)
 @pytest.mark.parametrize("T,init,resets,gate", GRID)
 def test_grid(backend, T, init, resets, gate):
-  seed = hash((backend, T, init, resets, gate)) % 2**31
+  seed = zlib.crc32(repr((backend, T, init, resets, gate)).encode())  # stable across runs (unlike str hash)
   x = make_inputs(seed, 1, T, 2, 32, 16, gate=gate, resets=resets, init=init)
   check_forward(backend, x, 1e-5)
   check_grads(backend, x)

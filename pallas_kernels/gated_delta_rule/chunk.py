@@ -2,8 +2,10 @@
 
 Every backend runs the same four stages (see `xla.py`); the custom VJP recomputes the per-chunk states in the
 backward pass instead of saving them, then runs a reverse pass for the state gradients and a chunk-parallel
-pass for all input gradients. q/k L2-normalisation, the scale, the within-chunk cumulative sum of g and the
-padding live outside the custom VJP, so JAX differentiates them.
+pass for all input gradients. q/k L2-normalisation, the scale and the padding live outside the custom VJP, so
+JAX differentiates them; the within-chunk cumulative sum of g is inside it (the gradient kernel returns dg
+directly, which is more accurate than a reverse cumulative sum of the gradient w.r.t. the cumulative sum).
+On GPU, "pallas_gpu" runs version 2 of the kernels (`pallas_gpu.FUSED_PREP`).
 """
 
 from __future__ import annotations
@@ -60,9 +62,16 @@ def resolve_backend(backend, K, V, chunk_size, dtype) -> str:
   return choice if supported(choice, K, V, chunk_size, dtype) else "xla"
 
 
+def chunk_cumsum(g, C):
+  """Within-chunk cumulative sum of the per-token log-decay, [N, Tp, 1] -> gam [N, Tp, 1]."""
+  N, Tp = g.shape[:2]
+  return jnp.cumsum(g.reshape(N, Tp // C, C), axis=-1).reshape(N, Tp, 1)
+
+
 @functools.partial(jax.custom_vjp, nondiff_argnums=(0, 1))
-def _core(backend, C, q, k, v, gam, beta, h0, m, seg):
+def _core(backend, C, q, k, v, g, beta, h0, m, seg):
   impl = _impl(backend)
+  gam = chunk_cumsum(g, C)
   if getattr(impl, "FUSED_PREP", False):
     pre = impl.prep(q, k, v, gam, beta, m, seg, chunk_size=C)
     o, hT, _ = impl.forward_pre(pre, h0, False, chunk_size=C)
@@ -72,13 +81,14 @@ def _core(backend, C, q, k, v, gam, beta, h0, m, seg):
   return o, hT
 
 
-def _core_fwd(backend, C, q, k, v, gam, beta, h0, m, seg):
-  out = _core(backend, C, q, k, v, gam, beta, h0, m, seg)
-  return out, (q, k, v, gam, beta, h0, m, seg)
+def _core_fwd(backend, C, q, k, v, g, beta, h0, m, seg):
+  out = _core(backend, C, q, k, v, g, beta, h0, m, seg)
+  return out, (q, k, v, g, beta, h0, m, seg)
 
 
 def _core_bwd(backend, C, res, cts):
-  q, k, v, gam, beta, h0, m, seg = res
+  q, k, v, g, beta, h0, m, seg = res
+  gam = chunk_cumsum(g, C)
   do, dhT = cts
   impl = _impl(backend)
   do = do.astype(q.dtype)
@@ -86,14 +96,14 @@ def _core_bwd(backend, C, res, cts):
     pre = impl.prep(q, k, v, gam, beta, m, seg, chunk_size=C)
     _, _, h = impl.forward_pre(pre, h0, True, need_o=False, chunk_size=C)
     dh, dh0 = impl.backward_state_pre(pre, do, dhT.astype(jnp.float32), chunk_size=C)
-    dq, dk, dv, dbeta, dgam = impl.grads(q, k, v, gam, beta, m, seg, h, dh, do, chunk_size=C, a=pre["a"])
-    return (dq.astype(q.dtype), dk.astype(k.dtype), dv.astype(v.dtype), dgam, dbeta, dh0,
+    dq, dk, dv, dbeta, dg = impl.grads(q, k, v, gam, beta, m, seg, h, dh, do, chunk_size=C, a=pre["a"])
+    return (dq.astype(q.dtype), dk.astype(k.dtype), dv.astype(v.dtype), dg, dbeta, dh0,
             jnp.zeros_like(m), jnp.zeros_like(seg))
   w, u = impl.wu(k, v, gam, beta, m, seg, chunk_size=C)
   _, _, h = impl.forward(q, k, w, u, gam, m, seg, h0, True, chunk_size=C)
   dh, dh0 = impl.backward_state(q, k, w, do, gam, m, seg, dhT.astype(jnp.float32), chunk_size=C)
-  dq, dk, dv, dbeta, dgam = impl.grads(q, k, v, gam, beta, m, seg, h, dh, do, chunk_size=C)
-  return (dq.astype(q.dtype), dk.astype(k.dtype), dv.astype(v.dtype), dgam, dbeta, dh0,
+  dq, dk, dv, dbeta, dg = impl.grads(q, k, v, gam, beta, m, seg, h, dh, do, chunk_size=C)
+  return (dq.astype(q.dtype), dk.astype(k.dtype), dv.astype(v.dtype), dg, dbeta, dh0,
           jnp.zeros_like(m), jnp.zeros_like(seg))
 
 
@@ -120,7 +130,6 @@ def _prepare(q, k, v, g, beta, scale, initial_state, use_qk_l2norm, segment_ids,
   q, k, v = heads_first(q), heads_first(k), heads_first(v.astype(cdt))
   # Padding tokens have g = 0 and beta = 0: they leave the state untouched.
   g = heads_first(g.astype(jnp.float32))
-  gam = jnp.cumsum(g.reshape(B * H, Tp // C, C), axis=-1).reshape(B * H, Tp, 1)
   beta = heads_first(beta.astype(jnp.float32))[..., None]
   # Segment number = count of resets so far; m = 1 where the chunk's entry state still reaches the token.
   rid = jnp.cumsum(reset_mask(segment_ids, B, T).astype(jnp.int32), axis=1)
@@ -131,7 +140,7 @@ def _prepare(q, k, v, g, beta, scale, initial_state, use_qk_l2norm, segment_ids,
   per_head = lambda x: jnp.broadcast_to(x.reshape(B, 1, Tp, 1), (B, H, Tp, 1)).reshape(B * H, Tp, 1)
   h0 = (jnp.zeros((B * H, K, V), jnp.float32) if initial_state is None
         else initial_state.astype(jnp.float32).reshape(B * H, K, V))
-  return q, k, v, gam, beta, h0, per_head(m), per_head(seg)
+  return q, k, v, g[..., None], beta, h0, per_head(m), per_head(seg)
 
 
 def chunk_gated_delta_rule(q, k, v, g, beta, *, scale=None, initial_state=None, output_final_state=False,

@@ -241,8 +241,8 @@ def chunk_backward(q, k, gam, beta, m, seg, load, store_dv, nblk=1, inverse=unit
   The value dimension is visited in `nblk` column blocks: `load(j)` returns (v_j [C, bv], S0_j [K, bv],
   dS1_j [K, bv], do_j [C, bv]) and `store_dv(j, dv_j)` writes dv's block; every sum over the value columns is
   accumulated across blocks, so a kernel never holds a whole [K, V] state (on GPU it would not fit in registers).
-  Returns dq, dk [C, K] and dbeta, dgam [C, 1] (float32). dgam is w.r.t. the within-chunk cumulative
-  log-decay; the caller turns it into dg with a reverse cumulative sum. `A` (the stored (I + L)^-1 in the
+  Returns dq, dk [C, K] and dbeta, dg [C, 1] (float32); dg is w.r.t. the per-token log-decay g (the within-chunk
+  cumulative sum gam = cumsum(g) is differentiated here, not by the caller). `A` (the stored (I + L)^-1 in the
   compute dtype, from `chunk_prep`) skips recomputing the inverse; only its compute-dtype value is used either way.
   """
   cdt = q.dtype
@@ -297,11 +297,15 @@ def chunk_backward(q, k, gam, beta, m, seg, load, store_dv, nblk=1, inverse=unit
   # S1 = gl S0 + (F K)^T V'
   dk = dk + F * Z
   dF = jnp.sum(k * Z, axis=1, keepdims=True)
-  # back to gam through D, E, F, gl
+  # back to g through D, E, F, gl and gam = within-chunk cumsum(g): dg_t = sum_{s >= t} dgam_s, formed directly.
+  # (Taking the reverse cumulative sum of dgam = rowsum(DD) - colsum(DD) + ... subtracts large partial sums and
+  # lost up to ~1e-4 relative accuracy of dg with strongly negative g.)
   DD = dD * D
   FF = dF * F
-  r = lax.broadcasted_iota(jnp.int32, (C, 1), 0)
-  tail = jnp.sum(FF, axis=0, keepdims=True) + dgl * gl
-  dgam = (jnp.sum(DD, axis=1, keepdims=True) - row_to_col(jnp.sum(DD, axis=0, keepdims=True))
-          + dE * E - FF + jnp.where(r == C - 1, tail, 0.0))
-  return dq, dk, dbeta, dgam
+  r, c = _iota2(C, C)
+  pre = dot(DD, (r < c).astype(f32))  # pre[i, t] = sum_{j < t} DD_ij
+  cross = row_to_col(jnp.sum(jnp.where(r >= c, pre, 0.0), axis=0, keepdims=True))  # sum_{i >= t, j < t} DD_ij
+  after = jnp.sum(jnp.where(c >= r, col_to_row(dE * E), 0.0), axis=1, keepdims=True)  # sum_{s >= t} dE_s E_s
+  before = jnp.sum(jnp.where(c < r, col_to_row(FF), 0.0), axis=1, keepdims=True)  # sum_{s < t} dF_s F_s
+  dg = cross + after + before + dgl * gl
+  return dq, dk, dbeta, dg

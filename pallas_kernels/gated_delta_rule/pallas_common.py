@@ -47,7 +47,7 @@ def wu_call(k, v, gam, beta, m, seg, *, chunk_size, compiler_params, interpret):
 def _grads_kernel(q_ref, k_ref, v_ref, gam_ref, beta_ref, m_ref, seg_ref, h_ref, dh_ref, do_ref, *refs, bv, nblk,
                   stored_a):
   a_ref, refs = (refs[0], refs[1:]) if stored_a else (None, refs)
-  dq_ref, dk_ref, dv_ref, dbeta_ref, dgam_ref = refs
+  dq_ref, dk_ref, dv_ref, dbeta_ref, dg_ref = refs
 
   def cols(j):
     return pl.ds(pl.multiple_of(j * bv, bv), bv) if nblk > 1 else slice(None)
@@ -61,12 +61,12 @@ def _grads_kernel(q_ref, k_ref, v_ref, gam_ref, beta_ref, m_ref, seg_ref, h_ref,
 
   out = cm.chunk_backward(q_ref[...], k_ref[...], gam_ref[...], beta_ref[...], m_ref[...], seg_ref[...],
                           load, store_dv, nblk, A=None if a_ref is None else a_ref[...])
-  for ref, x in zip((dq_ref, dk_ref, dbeta_ref, dgam_ref), out):
+  for ref, x in zip((dq_ref, dk_ref, dbeta_ref, dg_ref), out):
     ref[...] = x.astype(ref.dtype)
 
 
 def grads_call(q, k, v, gam, beta, m, seg, h, dh, do, *, chunk_size, compiler_params, interpret, bv=None, a=None):
-  """dq, dk [N,Tp,K], dv [N,Tp,V] (q.dtype), dbeta, dgam [N,Tp,1] float32. `a` [N,Tp,C]: stored A per chunk."""
+  """dq, dk [N,Tp,K], dv [N,Tp,V] (q.dtype), dbeta, dg [N,Tp,1] float32 (dg w.r.t. the per-token g). `a` [N,Tp,C]: stored A per chunk."""
   N, Tp, K = q.shape
   V = v.shape[-1]
   C = chunk_size

@@ -5,7 +5,7 @@ Pallas backends, on the flattened layout [N = B*H, Tp, ...] with Tp a multiple o
   wu(k, v, gam, beta, m, seg)                       -> w [N,Tp,K], u [N,Tp,V]       (chunk-parallel)
   forward(q, k, w, u, gam, m, seg, h0, store)       -> o [N,Tp,V] f32, hT [N,K,V], h [N,NT,K,V] | None
   backward_state(q, k, w, do, gam, m, seg, dhT)     -> dh [N,NT,K,V] (grad of each chunk's exit state), dh0
-  grads(q, k, v, gam, beta, m, seg, h, dh, do)      -> dq, dk [N,Tp,K], dv [N,Tp,V], dbeta, dgam [N,Tp,1]
+  grads(q, k, v, gam, beta, m, seg, h, dh, do)      -> dq, dk [N,Tp,K], dv [N,Tp,V], dbeta, dg [N,Tp,1]
 """
 
 from __future__ import annotations
@@ -62,9 +62,9 @@ def backward_state(q, k, w, do, gam, m, seg, dhT, *, chunk_size):
 def grads(q, k, v, gam, beta, m, seg, h, dh, do, *, chunk_size):
   def f(q, k, v, gam, beta, m, seg, S0, dS1, do):
     box = {}
-    dq, dk, dbeta, dgam = cm.chunk_backward(q, k, gam, beta, m, seg, lambda j: (v, S0, dS1, do),
+    dq, dk, dbeta, dg = cm.chunk_backward(q, k, gam, beta, m, seg, lambda j: (v, S0, dS1, do),
                                             lambda j, dv: box.update(dv=dv), inverse=_solve_inverse)
-    return dq, dk, box["dv"], dbeta, dgam
+    return dq, dk, box["dv"], dbeta, dg
 
   ch = lambda x: _chunks(x, chunk_size)
   out = jax.vmap(jax.vmap(f))(ch(q), ch(k), ch(v), ch(gam), ch(beta), ch(m), ch(seg), h, dh, ch(do))
