@@ -51,8 +51,9 @@ def restore(mngr: ocp.CheckpointManager, step: int, abstract_state: dict) -> tup
     return out["state"], out["data"]
 
 
-def load_params(directory: str) -> dict[str, np.ndarray]:
-    """The flat params of the latest checkpoint in a run directory."""
+def load_params(directory: str, *, with_count: bool = False):
+    """The flat params of the latest checkpoint in a run directory, LoRA adapters (stage III) folded in; with
+    ``with_count`` also the number of adapters merged."""
     mngr = ocp.CheckpointManager(os.path.abspath(directory), item_names=("state", "data"))
     step = mngr.latest_step()
     if step is None:
@@ -61,11 +62,15 @@ def load_params(directory: str) -> dict[str, np.ndarray]:
     mngr.close()
     state = out["state"]
     params = flatten(state["params"])
+    n = 0
     if "lora" in state and state["lora"]:
         from infinitevl_jax.training import lora
         meta = state["lora_meta"]
-        params = lora.merge(params, _adapters(state["lora"]), int(meta["rank"]), float(meta["alpha"]))
-    return {k: np.asarray(v) for k, v in params.items()}
+        adapters = _adapters(state["lora"])
+        n = len(adapters)
+        params = lora.merge(params, adapters, int(meta["rank"]), float(meta["alpha"]))
+    params = {k: np.asarray(v) for k, v in params.items()}
+    return (params, n) if with_count else params
 
 
 def _adapters(nested) -> dict:

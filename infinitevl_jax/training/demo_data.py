@@ -6,8 +6,9 @@ Token-level (no images, so the CPU demo trains in minutes). A document is::
 
 with keys ``k`` (8 tokens) and values ``v`` (16 tokens, chance = 1/16). *Short* documents hold two facts and at most
 a few filler tokens, so everything is inside the sliding window; *long* documents hold one fact followed by ``filler``
-tokens, more than the window, so only a model with memory beyond the window (full attention, Gated DeltaNet) can
-answer. Labels cover the answer and the stop token (the assistant reply), -100 elsewhere.
+tokens, more than the receptive field of a stack of SWA layers (``layers x (window - 1)`` tokens: information moves
+at most ``window - 1`` positions per layer), so only a model with memory beyond the window (full attention, Gated
+DeltaNet) can answer; an SWA-only model is at chance. Labels cover the answer and the stop token (the assistant reply), -100 elsewhere.
 
 Batches have the layout of ``infinitevl_jax.data.packing`` (text only, one document per row) and are a pure function
 of ``(seed, split, index)``, so the iterator state is just the index and resume is exact.

@@ -152,7 +152,7 @@ class StepFns:
     def __init__(self, cfg: TrainConfig, tree: P.ParamTree, teacher, tx):
         self.cfg, self.tree, self.tx = cfg, tree, tx
         loss = STAGE_LOSSES[cfg.stage]
-        t_tree = teacher[0] if teacher else None
+        t_tree = teacher[0] if teacher and cfg.stage in ("layerwise", "e2e") else None  # else only used for init
         is_lora = cfg.stage == "lora"
 
         def effective(trainable, frozen):
@@ -327,12 +327,14 @@ def run(cfg: TrainConfig, *, profile_steps: tuple[int, int] | None = None,
     logger.info("stage %s: %d trainable / %d parameters", cfg.stage, n_trainable, P.count(flat))
     fns = StepFns(cfg, tree, teacher, tx)
     t_params = teacher[1] if teacher and cfg.stage in ("layerwise", "e2e") else None
-    if t_params is None:
-        teacher_for_step = None
     it = make_iterator(cfg, mc)
 
     mngr, step = None, 0
     if cfg.checkpoint.dir:
+        if jax.process_index() == 0:  # what ``infinitevl merge-lora`` needs to rebuild the model
+            os.makedirs(cfg.checkpoint.dir, exist_ok=True)
+            with open(os.path.join(cfg.checkpoint.dir, "model_config.json"), "w") as f:
+                json.dump(mc.to_dict(), f, indent=1)
         mngr = checkpointing.manager(cfg.checkpoint.dir, keep=cfg.checkpoint.keep, use_async=cfg.checkpoint.use_async)
         latest = mngr.latest_step()
         if latest is not None:
