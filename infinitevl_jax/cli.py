@@ -19,6 +19,7 @@ SUBCOMMANDS: list[tuple[str, str, str]] = [
     ("convert", "infinitevl_jax.convert", "convert Hugging Face <-> Orbax checkpoints"),
     ("generate", "infinitevl_jax.cli_generate", "answer a prompt about images/videos"),
     ("stream", "infinitevl_jax.cli_stream", "stream a video and answer questions at given times"),
+    ("merge-lora", "infinitevl_jax.training.merge_lora", "fold a training run's LoRA adapters into the base for export"),
 ]
 
 
