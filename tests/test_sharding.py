@@ -1,4 +1,4 @@
-"""Sharding on 8 fake CPU devices vs one device (issue 8, acceptance 1 and 2), plus mesh/rule unit tests.
+"""Sharding on 8 fake CPU devices vs one device, plus mesh/rule unit tests.
 
 The 8-device checks run in a subprocess (``tests/sharding_checks.py``) that sets
 ``--xla_force_host_platform_device_count=8`` before JAX starts, so the rest of the suite keeps its single device.
@@ -79,14 +79,12 @@ def eight_devices(tmp_path_factory):
     return json.loads(out.read_text())
 
 
-@pytest.mark.slow
 @pytest.mark.parametrize("mesh", ["8,1,1", "1,8,1", "1,2,4", "2,2,2"])
 def test_sharded_step_equals_single_device(eight_devices, mesh):
     r = eight_devices["meshes"][mesh]
     assert r["loss"] < TOL and r["logits"] < TOL and r["grads"] < TOL, r
 
 
-@pytest.mark.slow
 def test_fsdp8_parameter_bytes(eight_devices):
     b = eight_devices["param_bytes"]
     assert b["devices"] == 8
@@ -94,7 +92,6 @@ def test_fsdp8_parameter_bytes(eight_devices):
     assert max(b["per_device"]) < b["total"] / 8 * 1.15, b
 
 
-@pytest.mark.slow
 def test_checkpoint_restores_on_other_meshes(eight_devices):
     c = eight_devices["checkpoint"]
     assert c["to_2x2x2"] == 0.0 and c["to_single"] == 0.0, c
