@@ -24,7 +24,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from infinitevl_jax import config as config_lib  # noqa: E402
 from infinitevl_jax import distributed, sharding  # noqa: E402
-from infinitevl_jax.modeling.model import compute_positions  # noqa: E402
+from infinitevl_jax.positions import compute_positions  # noqa: E402
 
 
 def random_batch(config, batch: int, seq: int, seed: int = 0) -> dict[str, np.ndarray]:

@@ -75,44 +75,30 @@ def rope_index_1d(
     return out.astype(np.int32)
 
 
-def get_rope_index(
-    input_ids: np.ndarray,
-    image_grid_thw: np.ndarray | None = None,
-    video_grid_thw: np.ndarray | None = None,
-    second_per_grid_ts: Sequence[float] | None = None,
-    attention_mask: np.ndarray | None = None,
-    *,
-    image_token_id: int,
-    video_token_id: int,
-    spatial_merge_size: int = 2,
-    tokens_per_second: float = 2.0,
-) -> tuple[np.ndarray, np.ndarray]:
-    """Batched positions ``[3, B, T]`` and per-sequence deltas ``[B]`` (max position + 1 - real length).
-
-    Images and videos are consumed in order across the batch, as in Hugging Face. Padding (attention_mask == 0)
-    gets position 1, as in the reference; only real tokens are numbered.
+def compute_positions(config, ids, segment_ids, image_grids, video_grids, second_per_grid_ts) -> np.ndarray:
+    """Batched ``[3,B,T]`` positions of ``ids [B,T]``; each segment (``segment_ids`` > 0) is numbered from 0 and
+    padding (segment 0) gets 1, as in the reference. Images and videos are consumed in order of appearance, row by
+    row; ``second_per_grid_ts`` defaults to 2 fps sampling. ``config`` is an ``InfiniteVLConfig``.
     """
-    ids = np.asarray(input_ids)
     B, T = ids.shape
-    mask = np.ones_like(ids, dtype=bool) if attention_mask is None else np.asarray(attention_mask).astype(bool)
-    images = [] if image_grid_thw is None else [tuple(int(v) for v in g) for g in np.asarray(image_grid_thw)]
-    videos = [] if video_grid_thw is None else [tuple(int(v) for v in g) for g in np.asarray(video_grid_thw)]
-    seconds = list(second_per_grid_ts) if second_per_grid_ts is not None else [1.0] * len(videos)
-    pos = np.ones((3, B, T), dtype=np.int32)
-    deltas = np.zeros((B,), dtype=np.int32)
+    seconds = list(np.asarray(second_per_grid_ts).reshape(-1)) if second_per_grid_ts is not None else \
+        [config.vision.temporal_patch_size / 2.0] * len(video_grids)
+    pos = np.ones((3, B, T), np.int32)
     i_img = i_vid = 0
     for b in range(B):
-        real = ids[b][mask[b]]
-        n_img, n_vid = count_spans(real, image_token_id), count_spans(real, video_token_id)
-        p = rope_index_1d(
-            real, images[i_img : i_img + n_img], videos[i_vid : i_vid + n_vid], seconds[i_vid : i_vid + n_vid],
-            image_token_id=image_token_id, video_token_id=video_token_id, spatial_merge_size=spatial_merge_size,
-            tokens_per_second=tokens_per_second,
-        )
-        i_img, i_vid = i_img + n_img, i_vid + n_vid
-        pos[:, b, mask[b]] = p
-        deltas[b] = (int(p.max()) + 1 - real.shape[0]) if real.size else 0
-    return pos, deltas
+        for s in [s for s in np.unique(segment_ids[b]) if s > 0]:
+            where = np.nonzero(segment_ids[b] == s)[0]
+            toks = ids[b, where]
+            n_img = count_spans(toks, config.image_token_id)
+            n_vid = count_spans(toks, config.video_token_id)
+            pos[:, b, where] = rope_index_1d(
+                toks, image_grids[i_img : i_img + n_img], video_grids[i_vid : i_vid + n_vid],
+                seconds[i_vid : i_vid + n_vid], image_token_id=config.image_token_id,
+                video_token_id=config.video_token_id, spatial_merge_size=config.vision.spatial_merge_size,
+                tokens_per_second=config.vision.tokens_per_second,
+            )
+            i_img, i_vid = i_img + n_img, i_vid + n_vid
+    return pos
 
 
 def count_spans(ids: np.ndarray, token: int) -> int:

@@ -21,7 +21,7 @@ from infinitevl_jax.modeling.layers import linear
 from infinitevl_jax.modeling.norms import RMSNorm
 from infinitevl_jax.modeling.rope import mrope_cos_sin
 from infinitevl_jax.modeling.vision import VisionTower, check_grids, vision_layout
-from infinitevl_jax.positions import count_spans, rope_index_1d
+from infinitevl_jax.positions import compute_positions
 
 
 class LanguageModel(nnx.Module):
@@ -185,26 +185,3 @@ def prepare_inputs(config: InfiniteVLConfig, input_ids, *, pixel_values=None, im
             raise ValueError(f"position_ids must be [3, batch, seq] = {(3, B, T)}, got {position_ids.shape}")
     out["position_ids"] = jnp.asarray(position_ids, jnp.int32)
     return out
-
-
-def compute_positions(config: InfiniteVLConfig, ids, segment_ids, image_grids, video_grids, second_per_grid_ts):
-    """``[3,B,T]`` M-RoPE positions, numbering each segment from 0; padding gets 1 (as the reference)."""
-    B, T = ids.shape
-    seconds = list(np.asarray(second_per_grid_ts).reshape(-1)) if second_per_grid_ts is not None else \
-        [config.vision.temporal_patch_size / 2.0] * len(video_grids)
-    pos = np.ones((3, B, T), np.int32)
-    i_img = i_vid = 0
-    for b in range(B):
-        for s in [s for s in np.unique(segment_ids[b]) if s > 0]:
-            where = np.nonzero(segment_ids[b] == s)[0]
-            toks = ids[b, where]
-            n_img = count_spans(toks, config.image_token_id)
-            n_vid = count_spans(toks, config.video_token_id)
-            pos[:, b, where] = rope_index_1d(
-                toks, image_grids[i_img : i_img + n_img], video_grids[i_vid : i_vid + n_vid],
-                seconds[i_vid : i_vid + n_vid], image_token_id=config.image_token_id,
-                video_token_id=config.video_token_id, spatial_merge_size=config.vision.spatial_merge_size,
-                tokens_per_second=config.vision.tokens_per_second,
-            )
-            i_img, i_vid = i_img + n_img, i_vid + n_vid
-    return pos
