@@ -25,29 +25,27 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from infinitevl_jax import config as config_lib  # noqa: E402
 from infinitevl_jax import distributed, sharding  # noqa: E402
 from infinitevl_jax.positions import compute_positions  # noqa: E402
+from infinitevl_jax.training.losses import IGNORE, naive_cross_entropy  # noqa: E402
 
 
 def random_batch(config, batch: int, seq: int, seed: int = 0) -> dict[str, np.ndarray]:
-    """Text tokens, two packed documents per row; ``labels`` are the next tokens (-1: no target)."""
+    """Text tokens, two packed documents per row; ``labels`` are the next tokens (IGNORE: no target)."""
     rng = np.random.default_rng(seed)
     ids = rng.integers(0, config.text.vocab_size - 16, size=(batch, seq)).astype(np.int32)
     seg = np.where(np.arange(seq)[None] < seq // 2 + np.arange(batch)[:, None], 1, 2).astype(np.int32)
-    labels = np.concatenate([ids[:, 1:], np.full((batch, 1), -1, np.int32)], axis=1)
-    labels = np.where(np.concatenate([seg[:, 1:] == seg[:, :-1], np.zeros((batch, 1), bool)], axis=1), labels, -1)
+    labels = np.concatenate([ids[:, 1:], np.full((batch, 1), IGNORE, np.int32)], axis=1)
+    labels = np.where(np.concatenate([seg[:, 1:] == seg[:, :-1], np.zeros((batch, 1), bool)], axis=1), labels, IGNORE)
     empty = np.zeros((0, 3), np.int64)
     pos = compute_positions(config, ids, seg, empty, empty, None).astype(np.int32)
     return {"input_ids": ids, "segment_ids": seg, "position_ids": pos, "labels": labels}
 
 
 def lm_loss(model, batch) -> tuple[jax.Array, jax.Array]:
-    """Mean next-token cross-entropy (float32) over labels >= 0; returns ``(loss, logits)``."""
+    """Mean next-token cross-entropy (float32) over labels != IGNORE; returns ``(loss, logits)``."""
     logits = model.forward(batch["input_ids"], position_ids=batch["position_ids"], segment_ids=batch["segment_ids"])
     logits = sharding.constrain(logits, ("batch", "seq", "act_vocab"))
-    labels = batch["labels"]
-    logp = jax.nn.log_softmax(logits.astype(jnp.float32), axis=-1)
-    nll = -jnp.take_along_axis(logp, jnp.maximum(labels, 0)[..., None], axis=-1)[..., 0]
-    mask = (labels >= 0).astype(jnp.float32)
-    return jnp.sum(nll * mask) / jnp.maximum(jnp.sum(mask), 1.0), logits
+    total, count = naive_cross_entropy(logits, batch["labels"])
+    return total / jnp.maximum(count, 1).astype(jnp.float32), logits
 
 
 def loss_and_grads(model, batch):
