@@ -1,7 +1,7 @@
 """Training-step benchmark: tokens/s and MFU of one optimizer step, InfiniteVL (full-size 4B, random weights) vs the
 same code in Qwen2.5-VL-3B teacher mode (every layer full attention, flash attention: ``--teacher-attention``,
 default ``pallas_gpu``; ``cudnn`` refuses the training batches' segment ids), bf16 compute with
-float32 master weights, batch 1 x T tokens of text, remat ``full``.
+float32 master weights, batch 1 x T tokens of text, remat ``full`` unless ``--remat`` names others.
 
 Modes: ``stage2`` (trainable: the token mixers' parameters; InfiniteVL: GDN + SWA q/k/v/o as in the release's stage II
 config; teacher: every attention layer's q/k/v/o) and ``full`` (every language-model parameter; the vision tower is
@@ -43,12 +43,13 @@ STAGE2 = {  # trainable patterns of the "stage2" mode
 FULL_FT = (r"language_model/.*",)
 
 
-def train_config(model: str, mode: str, T: int, tiny: bool, teacher_attention: str = "pallas_gpu") -> tc.TrainConfig:
+def train_config(model: str, mode: str, T: int, tiny: bool, teacher_attention: str = "pallas_gpu",
+                 remat: str = "full") -> tc.TrainConfig:
     preset = {("infinitevl", False): "infinitevl_4b", ("teacher", False): "qwen2_5_vl_3b",
               ("infinitevl", True): "tiny_infinitevl", ("teacher", True): "tiny_qwen2_5_vl"}[model, tiny]
     return tc.TrainConfig(
         stage="sft", model=tc.ModelConfig(preset=preset, compute_dtype="bfloat16", param_dtype="float32",
-                                          remat="full"),
+                                          remat=remat),
         data=tc.DataSection(kind="demo", batch_size=1, seq_len=T),
         optim=tc.OptimConfig(lr=1e-5, steps=1000, warmup_frac=0.01),
         trainable=STAGE2[model] if mode == "stage2" else FULL_FT,
@@ -101,8 +102,9 @@ def text_batch(T: int, vocab: int) -> dict:
             "position_ids": jnp.asarray(np.broadcast_to(np.arange(T, dtype=np.int32), (1, 3, 1, T)).copy())}
 
 
-def measure(model: str, mode: str, T: int, *, tiny: bool, steps: int, teacher_attention: str = "pallas_gpu") -> dict:
-    cfg = train_config(model, mode, T, tiny, teacher_attention)
+def measure(model: str, mode: str, T: int, *, tiny: bool, steps: int, teacher_attention: str = "pallas_gpu",
+            remat: str = "full") -> dict:
+    cfg = train_config(model, mode, T, tiny, teacher_attention, remat)
     mc = trainer.student_config(cfg)
     tree, abstract = trainer.build(mc, cfg, 0, abstract=True)
     flat = random_params(abstract)
@@ -124,7 +126,8 @@ def measure(model: str, mode: str, T: int, *, tiny: bool, steps: int, teacher_at
     dt = (time.perf_counter() - t0) / steps
     fpt = flops_per_token(flat, trainable, mc, T)
     tps = T / dt
-    return {"model": model, "mode": mode, "tokens": T, "step_s": dt, "tokens_per_s": tps, "mfu": tps * fpt / PEAK,
+    return {"model": model, "mode": mode, "tokens": T, "remat": remat, "step_s": dt, "tokens_per_s": tps,
+            "mfu": tps * fpt / PEAK,
             "flops_per_token": fpt, "trainable": P.count_tree(trainable), "loss": float(out["loss"]),
             "compile_s": compile_s, "temp_gib": getattr(mem, "temp_size_in_bytes", 0) / 2**30 if mem else None,
             "device": jax.devices()[0].device_kind}
@@ -137,6 +140,7 @@ def main(argv=None) -> int:
     p.add_argument("--modes", default="stage2,full")
     p.add_argument("--models", default="infinitevl,teacher")
     p.add_argument("--steps", type=int, default=3)
+    p.add_argument("--remat", default="full", help="remat policies to measure, comma-separated (decoder.REMAT_POLICIES)")
     p.add_argument("--teacher-attention", default="pallas_gpu", help="attention backend of the teacher mode")
     p.add_argument("--order", default="length", choices=("length", "mode"),
                    help="length: every mode at 8192 first, then longer; mode: all lengths of a mode first")
@@ -144,21 +148,24 @@ def main(argv=None) -> int:
     args = p.parse_args(argv)
     lengths = [int(x) for x in args.lengths.split(",")]
     modes, models = args.modes.split(","), args.models.split(",")
-    combos = ([(T, m, mo) for T in lengths for m in modes for mo in models] if args.order == "length"
-              else [(T, m, mo) for m in modes for T in lengths for mo in models])
+    remats = args.remat.split(",")
+    combos = ([(T, m, mo, r) for T in lengths for m in modes for mo in models for r in remats]
+              if args.order == "length" else [(T, m, mo, r) for m in modes for T in lengths for mo in models for r in remats])
     rows = []
-    for T, mode, model in combos:
+    for T, mode, model, remat in combos:
         try:
-            r = measure(model, mode, T, tiny=args.tiny, steps=args.steps, teacher_attention=args.teacher_attention)
+            r = measure(model, mode, T, tiny=args.tiny, steps=args.steps, teacher_attention=args.teacher_attention,
+                        remat=remat)
         except Exception as e:  # e.g. out of memory at 131072: record it, go on
-            r = {"model": model, "mode": mode, "tokens": T, "error": f"{type(e).__name__}: {str(e)[:300]}"}
+            r = {"model": model, "mode": mode, "tokens": T, "remat": remat,
+                 "error": f"{type(e).__name__}: {str(e)[:300]}"}
         rows.append(r)
         with open(args.out, "w") as f:
             json.dump(rows, f, indent=1)
         if "error" in r:
-            print(f"{model:<10} {mode:<6} T={T:<7} {r['error']}", flush=True)
+            print(f"{model:<10} {mode:<6} T={T:<7} remat={remat} {r['error']}", flush=True)
         else:
-            print(f"{model:<10} {mode:<6} T={T:<7} {r['tokens_per_s']:>10.0f} tok/s  MFU {100 * r['mfu']:5.1f}%  "
+            print(f"{model:<10} {mode:<6} T={T:<7} remat={remat:<5} {r['tokens_per_s']:>10.0f} tok/s  MFU {100 * r['mfu']:5.1f}%  "
                   f"step {r['step_s']:.3f}s  compile {r['compile_s']:.0f}s  temp {r['temp_gib']:.1f} GiB", flush=True)
     return 0
 
