@@ -116,19 +116,27 @@ def test_pallas_forward_and_grads(backend):
 
 
 def test_gpu_value_blocks(monkeypatch):
-  """Several value-column blocks per program (the GPU sequential passes and gradient kernel split V)."""
+  """Several key/value-column blocks per program (the GPU sequential passes split V, the gradient kernel K and V)."""
   from pallas_kernels.gated_delta_rule import pallas_gpu
   monkeypatch.setattr(pallas_gpu, "BV", 16)
-  x = make_inputs(6, 1, 70, 1, 16, 32)
+  monkeypatch.setattr(pallas_gpu, "GRAD_BK", 16)
+  monkeypatch.setattr(pallas_gpu, "GRAD_BV", 16)
+  x = make_inputs(6, 1, 70, 1, 32, 32)
   check_forward("pallas_gpu", x, 1e-5)
   check_grads("pallas_gpu", x)
 
 
+GPU_OLD = {"version1": dict(FUSED_PREP=False), "version2": dict(SPLIT_GRADS=False)}
+
+
 @pytest.mark.slow
-def test_gpu_version1(monkeypatch):
-  """The version-1 GPU path (per-step gates and Q K^T, inverse recomputed in the gradient kernel) stays correct."""
+@pytest.mark.parametrize("version", GPU_OLD)
+def test_gpu_old_versions(monkeypatch, version):
+  """The older GPU paths stay correct and selectable (version 1: per-step gates and Q K^T, inverse recomputed in the
+  gradient kernel; version 2: gradient kernel with a loop over value blocks carrying [C, K] sums)."""
   from pallas_kernels.gated_delta_rule import pallas_gpu
-  monkeypatch.setattr(pallas_gpu, "FUSED_PREP", False)
+  for name, value in GPU_OLD[version].items():
+    monkeypatch.setattr(pallas_gpu, name, value)
   monkeypatch.setattr(pallas_gpu, "BV", 16)
   x = make_inputs(7, 1, 70, 1, 16, 32)
   check_forward("pallas_gpu", x, 1e-5)
@@ -171,6 +179,23 @@ def test_tpu_lowering():
     for fn in (f, jax.grad(loss, argnums=(0, 1, 2, 3, 4))):
       text = jax.jit(fn).trace(*args).lower(lowering_platforms=("tpu",)).as_text()
       assert "tpu_custom_call" in text
+
+
+def test_gpu_lowering():
+  """Lowers forward and backward through the Pallas Triton lowering at InfiniteVL's head shape (a lowering to Triton
+  IR, not a compilation: shared-memory and register limits are only checked on a GPU)."""
+  from pallas_kernels import _compat
+  B, T, H, K, V = 1, 128, 4, 128, 256
+  sd = jax.ShapeDtypeStruct
+  args = (sd((B, T, H, K), jnp.bfloat16), sd((B, T, H, K), jnp.bfloat16), sd((B, T, H, V), jnp.bfloat16),
+          sd((B, T, H), jnp.float32), sd((B, T, H), jnp.bfloat16))
+  f = lambda *a: chunk_gated_delta_rule(*a, segment_ids=jnp.zeros((B, T), jnp.int32), backend="pallas_gpu")[0]
+  loss = lambda *a: jnp.sum(f(*a).astype(jnp.float32) ** 2)
+  with _compat.compiled():
+    fwd, bwd = (jax.jit(fn).trace(*args).lower(lowering_platforms=("cuda",)).as_text()
+                for fn in (f, jax.grad(loss, argnums=(0, 1, 2, 3, 4))))
+  assert fwd.count("xla.gpu.triton") >= 2 and "gdn_prep" in fwd
+  assert bwd.count("xla.gpu.triton") >= fwd.count("xla.gpu.triton") + 3 and "gdn_grads_v3" in bwd
 
 
 # ---------------------------------------------------------------- full grid (run with -m slow)

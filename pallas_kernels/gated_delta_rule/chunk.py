@@ -5,7 +5,8 @@ backward pass instead of saving them, then runs a reverse pass for the state gra
 pass for all input gradients. q/k L2-normalisation, the scale and the padding live outside the custom VJP, so
 JAX differentiates them; the within-chunk cumulative sum of g is inside it (the gradient kernel returns dg
 directly, which is more accurate than a reverse cumulative sum of the gradient w.r.t. the cumulative sum).
-On GPU, "pallas_gpu" runs version 2 of the kernels (`pallas_gpu.FUSED_PREP`).
+On GPU, "pallas_gpu" runs version 2 of the forward kernels (`pallas_gpu.FUSED_PREP`) and version 3 of the backward
+(`pallas_gpu.SPLIT_GRADS`: the serial passes also store V' and dV', read by a split chunk-parallel gradient kernel).
 """
 
 from __future__ import annotations
@@ -92,6 +93,11 @@ def _core_bwd(backend, C, res, cts):
   do, dhT = cts
   impl = _impl(backend)
   do = do.astype(q.dtype)
+  if getattr(impl, "FUSED_PREP", False) and getattr(impl, "SPLIT_GRADS", False):
+    dq, dk, dv, dbeta, dg, dh0 = impl.backward_split(q, k, v, gam, beta, m, seg, h0, do, dhT.astype(jnp.float32),
+                                                     chunk_size=C)
+    return (dq.astype(q.dtype), dk.astype(k.dtype), dv.astype(v.dtype), dg, dbeta, dh0,
+            jnp.zeros_like(m), jnp.zeros_like(seg))
   if getattr(impl, "FUSED_PREP", False):
     pre = impl.prep(q, k, v, gam, beta, m, seg, chunk_size=C)
     _, _, h = impl.forward_pre(pre, h0, True, need_o=False, chunk_size=C)

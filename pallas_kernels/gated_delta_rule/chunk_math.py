@@ -179,20 +179,25 @@ def chunk_prep(load, store, C):
     store("w", i, w)
 
 
-def chunk_forward_pre(qe, kf, w, u, p, glc, S, need_o=True):
-  """`chunk_forward` from the stored state-independent parts of `chunk_prep`: 4 products (2 without O)."""
-  cdt = qe.dtype
+def chunk_forward_pre(qe, kf, w, u, p, glc, S, need_o=True, return_vn=False):
+  """`chunk_forward` from the stored state-independent parts of `chunk_prep`: 4 products (2 without O).
+
+  With `return_vn`, also returns V' in the compute dtype (the gradient kernel of version 3 reads it).
+  """
+  cdt = w.dtype
   Sc = S.astype(cdt)
   vnc = (u - dot(w, Sc)).astype(cdt)
   o = dot(qe, Sc) + dot(p, vnc) if need_o else None
-  return o, last(glc) * S + dot(kf, vnc, ta=True)
+  S1 = last(glc) * S + dot(kf, vnc, ta=True)
+  return (o, S1, vnc) if return_vn else (o, S1)
 
 
-def chunk_backward_state_pre(qe, kf, w, p, glc, do, dS1):
-  """`chunk_backward_state` from the stored parts of `chunk_prep`."""
+def chunk_backward_state_pre(qe, kf, w, p, glc, do, dS1, return_dvn=False):
+  """`chunk_backward_state` from the stored parts of `chunk_prep` (with `return_dvn`, also dV' in the compute dtype)."""
   cdt = qe.dtype
-  dvn = dot(p, do, ta=True) + dot(kf, dS1.astype(cdt))
-  return last(glc) * dS1 + dot(qe, do, ta=True) - dot(w, dvn.astype(cdt), ta=True)
+  dvn = (dot(p, do, ta=True) + dot(kf, dS1.astype(cdt))).astype(cdt)
+  dS0 = last(glc) * dS1 + dot(qe, do, ta=True) - dot(w, dvn, ta=True)
+  return (dS0, dvn) if return_dvn else dS0
 
 
 def chunk_wu(k, v, gam, beta, m, seg, inverse=unit_lower_inverse):
@@ -297,9 +302,15 @@ def chunk_backward(q, k, gam, beta, m, seg, load, store_dv, nblk=1, inverse=unit
   # S1 = gl S0 + (F K)^T V'
   dk = dk + F * Z
   dF = jnp.sum(k * Z, axis=1, keepdims=True)
-  # back to g through D, E, F, gl and gam = within-chunk cumsum(g): dg_t = sum_{s >= t} dgam_s, formed directly.
-  # (Taking the reverse cumulative sum of dgam = rowsum(DD) - colsum(DD) + ... subtracts large partial sums and
-  # lost up to ~1e-4 relative accuracy of dg with strongly negative g.)
+  # back to g through D, E, F, gl and gam = within-chunk cumsum(g)
+  return dq, dk, dbeta, _dg_from_parts(dD, D, dE, E, dF, F, dgl, gl)
+
+
+def _dg_from_parts(dD, D, dE, E, dF, F, dgl, gl):
+  """dg w.r.t. the per-token g of one chunk from the gradients w.r.t. D, E, F and gl (formed directly, see below)."""
+  # dg_t = sum_{s >= t} dgam_s, formed directly. (Taking the reverse cumulative sum of dgam = rowsum(DD) - colsum(DD)
+  # + ... subtracts large partial sums and lost up to ~1e-4 relative accuracy of dg with strongly negative g.)
+  C = D.shape[0]
   DD = dD * D
   FF = dF * F
   r, c = _iota2(C, C)
@@ -307,5 +318,60 @@ def chunk_backward(q, k, gam, beta, m, seg, load, store_dv, nblk=1, inverse=unit
   cross = row_to_col(jnp.sum(jnp.where(r >= c, pre, 0.0), axis=0, keepdims=True))  # sum_{i >= t, j < t} DD_ij
   after = jnp.sum(jnp.where(c >= r, col_to_row(dE * E), 0.0), axis=1, keepdims=True)  # sum_{s >= t} dE_s E_s
   before = jnp.sum(jnp.where(c < r, col_to_row(FF), 0.0), axis=1, keepdims=True)  # sum_{s < t} dF_s F_s
-  dg = cross + after + before + dgl * gl
-  return dq, dk, dbeta, dg
+  return cross + after + before + dgl * gl
+
+
+def chunk_backward_split(a, gam, beta, m, seg, load, load_state, load_qk, store_dv, store_dqk, nk, nv):
+  """Gradients of one chunk from V' and dV' (stored by the serial passes) instead of recomputing them.
+
+  Uses dL = -strict(dxu V'^T) (since dxu U^T + dxw W^T = dxu (U - W S0)^T) and dxw = -dxu S0^T, so neither W, U
+  nor P is needed. The key dimension is visited in `nk` column blocks and the value dimension in `nv` column
+  blocks, both unrolled; the only sums carried across blocks are [C, C] and [C, bk] float32 tiles.
+    load(name, j): block j [C, bv] of "dvn", "vn", "do" (compute dtype) or "v";
+    load_state(name, kb, j): block [bk, bv] of "h" (S0) or "dh" (dS1), compute dtype;
+    load_qk(kb): (q, k) column blocks [C, bk] in the compute dtype (normalised and scaled as in the forward);
+    store_dv(j, dv_j); store_dqk(kb, dq_kb, dk_kb) (float32, gradients w.r.t. the normalised scaled q and k).
+  `a` is the stored (I + L)^-1 [C, C] (compute dtype); gam, beta, m, seg are [C, 1] float32.
+  Returns dbeta, dg [C, 1] (float32, dg w.r.t. the per-token g).
+  """
+  cdt = a.dtype
+  C = a.shape[0]
+  c_ = lambda x: x.astype(cdt)
+  rsum = lambda x: jnp.sum(x, axis=1, keepdims=True)
+  D, E, F, gl = gates(gam, m, seg)
+  strict = strict_lower(C)
+  dgl = jnp.zeros((1, 1), f32)
+  dbeta = dE = dF = jnp.zeros((C, 1), f32)
+  for kb in range(nk):
+    X = None
+    for j in range(nv):
+      dvn, vn, do = load("dvn", j), load("vn", j), load("do", j)
+      S0, dS1 = load_state("h", kb, j), load_state("dh", kb, j)
+      dxu = dot(a, dvn, ta=True)  # dxu = A^T dV' (gradient w.r.t. beta V - beta E K S0 before A)
+      dxuc = c_(dxu)
+      if kb == 0:
+        store_dv(j, beta * dxu)
+        t = (rsum(dxu * load("v", j).astype(f32)), dot(do, vn, tb=True), dot(dxuc, vn, tb=True))
+        dbu, dPr, dLn = t if j == 0 else (dbu + t[0], dPr + t[1], dLn + t[2])
+      t = (dot(dxuc, S0, tb=True), dot(do, S0, tb=True), dot(vn, dS1, tb=True))
+      X = t if X is None else tuple(x + y for x, y in zip(X, t))
+      dgl = dgl + jnp.sum(rsum(S0.astype(f32) * dS1.astype(f32)), axis=0, keepdims=True)
+    X1, X2, X3 = X  # dxu S0^T = -dxw, dO S0^T, V' dS1^T (this key block)
+    if kb == 0:
+      dL = jnp.where(strict, -dLn, 0.0)
+      dP = c_(dPr * D)
+      G = c_(dL * beta * D)
+    q, k = load_qk(kb)
+    # O = (E Q) S0 + (Q K^T * D) V';  L = beta (K K^T) * D;  S1 = gl S0 + (F K)^T V';  W = A (beta E K)
+    dq = dot(dP, k) + E * X2
+    dk = dot(dP, q, ta=True) + dot(G, k) + dot(G, k, ta=True) + F * X3 - beta * E * X1
+    store_dqk(kb, dq, dk)
+    kX1 = rsum(k * X1)
+    dbeta = dbeta - E * kX1
+    dE = dE + rsum(q * X2) - beta * kX1
+    dF = dF + rsum(k * X3)
+    qk_, kk_ = dot(q, k, tb=True), dot(k, k, tb=True)
+    qk, kk = (qk_, kk_) if kb == 0 else (qk + qk_, kk + kk_)
+  dbeta = dbeta + dbu + rsum(dL * kk * D)
+  dD = dPr * qk + dL * beta * kk
+  return dbeta, _dg_from_parts(dD, D, dE, E, dF, F, dgl, gl)

@@ -228,3 +228,191 @@ def backward_state(q, k, w, do, gam, m, seg, dhT, *, chunk_size):
       compiler_params=_compat.triton_params(num_warps=4, num_stages=2), interpret=_compat.gpu_interpret(),
       name="gdn_bwd_state",
   )(q, k, w, do, gam, m, seg, dhT)
+
+
+# ---------------------------------------------------------------- version 3: split gradient kernel
+# Version 3 (SPLIT_GRADS, the default): the backward's states-only pass also stores V' and the reverse pass stores
+# dV' (both already formed there), and one chunk-parallel gradient kernel reads them with the states (no
+# recomputation of U, V', dV'; dL = -strict(dxu V'^T)), visiting K and V in [GRAD_BK, GRAD_BV] blocks so that no
+# program carries more than a few [64 x 64] float32 sums. False selects version 2's backward (gradient kernel with a
+# loop over value blocks carrying [C, K] accumulators). The forward is version 2's either way.
+#
+# The version-3 wrappers take per-token tensors in the caller's [B, T, H, *] layout (heads-first arrays pass as
+# [N, Tp, 1, *], i.e. H = 1) and keep the intermediates of `prep` and the states heads-first ([B*H, ...]).
+SPLIT_GRADS = True
+GRAD_BK = 64  # key columns per block of the version-3 gradient kernel
+GRAD_BV = 64  # value columns per block of the version-3 gradient kernel
+
+
+def _forward_v3_kernel(qe_ref, kf_ref, w_ref, u_ref, p_ref, gl_ref, h0_ref, *outs, C, NT, need_o, store):
+  outs = list(outs)
+  o_ref = outs.pop(0) if need_o else None
+  hT_ref = outs.pop(0)
+  h_ref, vn_ref = outs if store else (None, None)
+
+  def body(c, S):
+    sl = pl.ds(pl.multiple_of(c * C, C), C)
+    if store:
+      h_ref[c] = S.astype(h_ref.dtype)
+    o, S1, vn = cm.chunk_forward_pre(qe_ref[sl, :] if need_o else None, kf_ref[sl, :], w_ref[sl, :], u_ref[sl, :],
+                                     p_ref[sl, :] if need_o else None, gl_ref[sl, :], S, need_o, return_vn=True)
+    if need_o:
+      o_ref[sl, :] = o.astype(o_ref.dtype)
+    if store:
+      vn_ref[sl, :] = vn.astype(vn_ref.dtype)
+    return S1
+
+  hT_ref[...] = jax.lax.fori_loop(0, NT, body, h0_ref[...].astype(jnp.float32))
+
+
+def forward_v3(pre, h0, *, heads, chunk_size, need_o=True, store=False, o_dtype=None):
+  """Sequential state pass over `prep`'s outputs ([B*H, Tp, *]): (o [B, Tp, H, V] | None, hT [B*H, K, V] f32,
+  h [B*H, NT, K, V] | None, V' [B*H, Tp, V] | None); `store` writes the states and V' (compute dtype)."""
+  qe, kf, w, u, p, gl = (pre[n] for n in ("qe", "kf", "w", "u", "p", "gl"))
+  N, Tp, K = w.shape
+  V = u.shape[-1]
+  H = heads
+  B = N // H
+  C = chunk_size
+  NT = Tp // C
+  bv = min(BV, V)
+  nh = lambda b, hh: b * H + hh
+  full = lambda d: pl.BlockSpec((None, Tp, d), lambda b, hh, j: (nh(b, hh), 0, 0))
+  cols = pl.BlockSpec((None, Tp, bv), lambda b, hh, j: (nh(b, hh), 0, j))
+  st = pl.BlockSpec((None, K, bv), lambda b, hh, j: (nh(b, hh), 0, j))
+  sds = jax.ShapeDtypeStruct
+  out_specs, out_shape = [st], [sds((N, K, V), jnp.float32)]
+  if need_o:
+    out_specs.insert(0, pl.BlockSpec((None, Tp, None, bv), lambda b, hh, j: (b, 0, hh, j)))
+    out_shape.insert(0, sds((B, Tp, H, V), o_dtype or w.dtype))
+  if store:
+    out_specs += [pl.BlockSpec((None, NT, K, bv), lambda b, hh, j: (nh(b, hh), 0, 0, j)), cols]
+    out_shape += [sds((N, NT, K, V), w.dtype), sds((N, Tp, V), w.dtype)]
+  out = list(pl.pallas_call(
+      functools.partial(_forward_v3_kernel, C=C, NT=NT, need_o=need_o, store=store), grid=(B, H, V // bv),
+      in_specs=[full(K), full(K), full(K), cols, full(C), full(1), st],
+      out_specs=out_specs, out_shape=out_shape,
+      compiler_params=_compat.triton_params(num_warps=4, num_stages=2), interpret=_compat.gpu_interpret(),
+      name="gdn_fwd_state_v3",
+  )(qe, kf, w, u, p, gl, h0))
+  o = out.pop(0) if need_o else None
+  hT = out.pop(0)
+  h, vn = out if store else (None, None)
+  return o, hT, h, vn
+
+
+def _backward_state_v3_kernel(qe_ref, kf_ref, w_ref, p_ref, gl_ref, do_ref, dhT_ref, dh_ref, dh0_ref, dvn_ref, *,
+                              C, NT):
+  cdt = w_ref.dtype
+
+  def body(i, dS):
+    c = NT - 1 - i
+    sl = pl.ds(pl.multiple_of(c * C, C), C)
+    dh_ref[c] = dS.astype(dh_ref.dtype)
+    dS0, dvn = cm.chunk_backward_state_pre(qe_ref[sl, :], kf_ref[sl, :], w_ref[sl, :], p_ref[sl, :], gl_ref[sl, :],
+                                           do_ref[sl, :].astype(cdt), dS, return_dvn=True)
+    dvn_ref[sl, :] = dvn.astype(dvn_ref.dtype)
+    return dS0
+
+  dh0_ref[...] = jax.lax.fori_loop(0, NT, body, dhT_ref[...].astype(jnp.float32))
+
+
+def backward_state_v3(pre, do, dhT, *, chunk_size):
+  """Reverse state pass; do [B, Tp, H, V] (any float dtype). Returns dh [B*H, NT, K, V], dh0 [B*H, K, V] f32 and
+  dV' [B*H, Tp, V] (compute dtype)."""
+  qe, kf, w, p, gl = (pre[n] for n in ("qe", "kf", "w", "p", "gl"))
+  N, Tp, K = w.shape
+  B, _, H, V = do.shape
+  C = chunk_size
+  NT = Tp // C
+  bv = min(BV, V)
+  nh = lambda b, hh: b * H + hh
+  full = lambda d: pl.BlockSpec((None, Tp, d), lambda b, hh, j: (nh(b, hh), 0, 0))
+  cols = pl.BlockSpec((None, Tp, bv), lambda b, hh, j: (nh(b, hh), 0, j))
+  st = pl.BlockSpec((None, K, bv), lambda b, hh, j: (nh(b, hh), 0, j))
+  sds = jax.ShapeDtypeStruct
+  return pl.pallas_call(
+      functools.partial(_backward_state_v3_kernel, C=C, NT=NT), grid=(B, H, V // bv),
+      in_specs=[full(K), full(K), full(K), full(C), full(1),
+                pl.BlockSpec((None, Tp, None, bv), lambda b, hh, j: (b, 0, hh, j)), st],
+      out_specs=[pl.BlockSpec((None, NT, K, bv), lambda b, hh, j: (nh(b, hh), 0, 0, j)), st, cols],
+      out_shape=[sds((N, NT, K, V), w.dtype), sds((N, K, V), jnp.float32), sds((N, Tp, V), w.dtype)],
+      compiler_params=_compat.triton_params(num_warps=4, num_stages=2), interpret=_compat.gpu_interpret(),
+      name="gdn_bwd_state_v3",
+  )(qe, kf, w, p, gl, do, dhT)
+
+
+def _grads_v3_kernel(q_ref, k_ref, v_ref, do_ref, gam_ref, beta_ref, m_ref, seg_ref, a_ref, vn_ref, dvn_ref, h_ref,
+                     dh_ref, dq_ref, dk_ref, dv_ref, dbeta_ref, dg_ref, *, bk, bv):
+  cdt = a_ref.dtype
+  f32 = jnp.float32
+  nk, nv = q_ref.shape[-1] // bk, v_ref.shape[-1] // bv
+  kc = lambda i: slice(i * bk, (i + 1) * bk)
+  vc = lambda j: slice(j * bv, (j + 1) * bv)
+  rows = dict(v=v_ref, do=do_ref, vn=vn_ref, dvn=dvn_ref)
+  states = dict(h=h_ref, dh=dh_ref)
+
+  def load(name, j):
+    return rows[name][:, vc(j)].astype(cdt)
+
+  def load_state(name, kb, j):
+    return states[name][kc(kb), vc(j)].astype(cdt)
+
+  def load_qk(kb):
+    return q_ref[:, kc(kb)].astype(cdt), k_ref[:, kc(kb)].astype(cdt)
+
+  def store_dv(j, x):
+    dv_ref[:, vc(j)] = x.astype(dv_ref.dtype)
+
+  def store_dqk(kb, dq, dk):
+    dq_ref[:, kc(kb)] = dq.astype(dq_ref.dtype)
+    dk_ref[:, kc(kb)] = dk.astype(dk_ref.dtype)
+
+  dbeta, dg = cm.chunk_backward_split(a_ref[...], gam_ref[...].astype(f32), beta_ref[...].astype(f32),
+                                      m_ref[...], seg_ref[...], load, load_state, load_qk, store_dv, store_dqk,
+                                      nk, nv)
+  dbeta_ref[...] = dbeta
+  dg_ref[...] = dg
+
+
+def grads_v3(a, q, k, v, gam, beta, m, seg, h, dh, vn, dvn, do, *, chunk_size):
+  """Chunk-parallel gradient kernel of version 3, grid (B, H, chunks).
+
+  Per-token inputs in the [B, Tp, H, *] layout: q, k (normalised and scaled), v, do, gam, beta ([..., 1]); m, seg
+  [B, Tp, 1] float32. From the other stages ([B*H, ...]): a (`prep`), h and V' (states-only pass), dh and dV'
+  (reverse pass). Returns dq, dk [B, Tp, H, K] (q.dtype), dv [B, Tp, H, V] (v.dtype) and dbeta, dg [B, Tp, H, 1]
+  float32 (dg w.r.t. the per-token g).
+  """
+  B, Tp, H, K = q.shape
+  V = v.shape[-1]
+  C = chunk_size
+  bk, bv = min(GRAD_BK, K), min(GRAD_BV, V)
+  nh = lambda b, hh: b * H + hh
+  tok = lambda d: pl.BlockSpec((None, C, None, d), lambda b, hh, c: (b, c, hh, 0))
+  inter = lambda d: pl.BlockSpec((None, C, d), lambda b, hh, c: (nh(b, hh), c, 0))
+  bcol = pl.BlockSpec((None, C, 1), lambda b, hh, c: (b, c, 0))
+  st = pl.BlockSpec((None, None, K, V), lambda b, hh, c: (nh(b, hh), c, 0, 0))
+  sds = jax.ShapeDtypeStruct
+  f32 = jnp.float32
+  return pl.pallas_call(
+      functools.partial(_grads_v3_kernel, bk=bk, bv=bv), grid=(B, H, Tp // C),
+      in_specs=[tok(K), tok(K), tok(V), tok(V), tok(1), tok(1), bcol, bcol, inter(C), inter(V), inter(V), st, st],
+      out_specs=[tok(K), tok(K), tok(V), tok(1), tok(1)],
+      out_shape=[sds(q.shape, q.dtype), sds(k.shape, k.dtype), sds(v.shape, v.dtype), sds((B, Tp, H, 1), f32),
+                 sds((B, Tp, H, 1), f32)],
+      compiler_params=_compat.triton_params(num_warps=8, num_stages=1), interpret=_compat.gpu_interpret(),
+      name="gdn_grads_v3",
+  )(q, k, v, do, gam, beta, m, seg, a, vn, dvn, h, dh)
+
+
+def backward_split(q, k, v, gam, beta, m, seg, h0, do, dhT, *, chunk_size):
+  """Version-3 backward on `chunk._prepare`'s heads-first arrays ([N, Tp, *], q and k normalised and scaled):
+  prep, states-only pass (+ V'), reverse pass (+ dV'), gradient kernel. Returns dq, dk, dv, dbeta, dg, dh0."""
+  C = chunk_size
+  pre = prep(q, k, v, gam, beta, m, seg, chunk_size=C)
+  _, _, h, vn = forward_v3(pre, h0, heads=1, need_o=False, store=True, chunk_size=C)
+  as4 = lambda x: x[:, :, None, :]  # [N, Tp, d] -> [N, Tp, 1, d]: the [B, T, H, *] layout with B = N, H = 1
+  dh, dh0, dvn = backward_state_v3(pre, as4(do), dhT, chunk_size=C)
+  out = grads_v3(pre["a"], as4(q), as4(k), as4(v), as4(gam), as4(beta), m, seg, h, dh, vn, dvn, as4(do),
+                 chunk_size=C)
+  return tuple(x[:, :, 0, :] for x in out) + (dh0,)
