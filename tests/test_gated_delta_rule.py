@@ -52,7 +52,7 @@ def run(fn, x, **kw):
 def check_forward(backend, x, tol, **kw):
   o, s = jax.jit(functools.partial(run, chunk_gated_delta_rule, backend=backend, **kw))(x)
   f32 = {n: (a.astype(jnp.float32) if a is not None and n != "segment_ids" else a) for n, a in x.items()}
-  o_ref, s_ref = run(naive_recurrent_gated_delta_rule, f32)
+  o_ref, s_ref = run(naive_recurrent_gated_delta_rule, f32, **kw)
   assert o.shape == o_ref.shape and o.dtype == x["v"].dtype
   assert rel(o, o_ref) <= tol, rel(o, o_ref)
   assert rel(s, s_ref) <= tol, rel(s, s_ref)
@@ -126,14 +126,23 @@ def test_gpu_value_blocks(monkeypatch):
   check_grads("pallas_gpu", x)
 
 
-GPU_OLD = {"version1": dict(FUSED_PREP=False), "version2": dict(SPLIT_GRADS=False)}
+def test_gpu_layout_options():
+  """The [B, T, H, *] kernels with B, H > 1, without the q/k L2 norm and with a custom scale."""
+  x = make_inputs(8, 2, 70, 2, 16, 16)
+  check_forward("pallas_gpu", x, 1e-5, use_qk_l2norm=False, scale=0.3)
+  check_grads("pallas_gpu", x, use_qk_l2norm=False, scale=0.3)
+
+
+GPU_OLD = {"version1": dict(FUSED_PREP=False), "version2": dict(SPLIT_GRADS=False),
+           "version3_xla_layout": dict(NATIVE_LAYOUT=False)}
 
 
 @pytest.mark.slow
 @pytest.mark.parametrize("version", GPU_OLD)
 def test_gpu_old_versions(monkeypatch, version):
   """The older GPU paths stay correct and selectable (version 1: per-step gates and Q K^T, inverse recomputed in the
-  gradient kernel; version 2: gradient kernel with a loop over value blocks carrying [C, K] sums)."""
+  gradient kernel; version 2: gradient kernel with a loop over value blocks carrying [C, K] sums; version 3 with the
+  L2 norm, scale and transposes in XLA)."""
   from pallas_kernels.gated_delta_rule import pallas_gpu
   for name, value in GPU_OLD[version].items():
     monkeypatch.setattr(pallas_gpu, name, value)

@@ -5,8 +5,10 @@ backward pass instead of saving them, then runs a reverse pass for the state gra
 pass for all input gradients. q/k L2-normalisation, the scale and the padding live outside the custom VJP, so
 JAX differentiates them; the within-chunk cumulative sum of g is inside it (the gradient kernel returns dg
 directly, which is more accurate than a reverse cumulative sum of the gradient w.r.t. the cumulative sum).
-On GPU, "pallas_gpu" runs version 2 of the forward kernels (`pallas_gpu.FUSED_PREP`) and version 3 of the backward
-(`pallas_gpu.SPLIT_GRADS`: the serial passes also store V' and dV', read by a split chunk-parallel gradient kernel).
+On GPU, "pallas_gpu" runs version 3 of the kernels: the backward's serial passes also store V' and dV', read by a
+split chunk-parallel gradient kernel (`pallas_gpu.SPLIT_GRADS`), and the kernels read q, k, v and write O and all
+input gradients in the caller's [B, T, H, *] layout, with the q/k L2 norm, the scale and their VJP inside
+(`pallas_gpu.NATIVE_LAYOUT`; then `_prepare` is not used). Flags off select version 2 or 1 (`FUSED_PREP`).
 """
 
 from __future__ import annotations
@@ -137,16 +139,73 @@ def _prepare(q, k, v, g, beta, scale, initial_state, use_qk_l2norm, segment_ids,
   # Padding tokens have g = 0 and beta = 0: they leave the state untouched.
   g = heads_first(g.astype(jnp.float32))
   beta = heads_first(beta.astype(jnp.float32))[..., None]
-  # Segment number = count of resets so far; m = 1 where the chunk's entry state still reaches the token.
+  m, seg = _segments(segment_ids, B, T, C)
+  per_head = lambda x: jnp.broadcast_to(x.reshape(B, 1, Tp, 1), (B, H, Tp, 1)).reshape(B * H, Tp, 1)
+  return q, k, v, g[..., None], beta, _h0(initial_state, B, H, K, V), per_head(m), per_head(seg)
+
+
+def _segments(segment_ids, B, T, C):
+  """m, seg [B, Tp, 1] float32: segment number (count of resets so far) and 1 where the chunk's entry state still
+  reaches the token."""
+  Tp = -(-T // C) * C
   rid = jnp.cumsum(reset_mask(segment_ids, B, T).astype(jnp.int32), axis=1)
-  rid = jnp.pad(rid, ((0, 0), (0, pad)), mode="edge").reshape(B, Tp // C, C)
+  rid = jnp.pad(rid, ((0, 0), (0, Tp - T)), mode="edge").reshape(B, Tp // C, C)
   prev = jnp.concatenate([rid[:, :1, :1], rid[:, :-1, -1:]], axis=1)
   m = (rid == prev).astype(jnp.float32)
-  seg = rid.astype(jnp.float32)
-  per_head = lambda x: jnp.broadcast_to(x.reshape(B, 1, Tp, 1), (B, H, Tp, 1)).reshape(B * H, Tp, 1)
-  h0 = (jnp.zeros((B * H, K, V), jnp.float32) if initial_state is None
-        else initial_state.astype(jnp.float32).reshape(B * H, K, V))
-  return q, k, v, g[..., None], beta, h0, per_head(m), per_head(seg)
+  return m.reshape(B, Tp, 1), rid.astype(jnp.float32).reshape(B, Tp, 1)
+
+
+def _h0(initial_state, B, H, K, V):
+  return (jnp.zeros((B * H, K, V), jnp.float32) if initial_state is None
+          else initial_state.astype(jnp.float32).reshape(B * H, K, V))
+
+
+# ---------------------------------------------------------------- the caller's [B, T, H, *] layout (pallas_gpu)
+
+def _native(impl):
+  return all(getattr(impl, n, False) for n in ("FUSED_PREP", "SPLIT_GRADS", "NATIVE_LAYOUT"))
+
+
+def _cumsum_bthd(g, C):
+  """Within-chunk cumulative sum of g [B, Tp, H, 1]."""
+  B, Tp, H, _ = g.shape
+  return jnp.cumsum(g.reshape(B, Tp // C, C, H), axis=2).reshape(B, Tp, H, 1)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(0, 1, 2, 3))
+def _core_native(backend, C, scale, l2norm, q, k, v, g, beta, h0, m, seg):
+  return _impl(backend).forward_native(q, k, v, _cumsum_bthd(g, C), beta, m, seg, h0, chunk_size=C, scale=scale,
+                                       l2norm=l2norm)
+
+
+def _core_native_fwd(backend, C, scale, l2norm, q, k, v, g, beta, h0, m, seg):
+  return _core_native(backend, C, scale, l2norm, q, k, v, g, beta, h0, m, seg), (q, k, v, g, beta, h0, m, seg)
+
+
+def _core_native_bwd(backend, C, scale, l2norm, res, cts):
+  q, k, v, g, beta, h0, m, seg = res
+  do, dhT = cts
+  dq, dk, dv, dbeta, dg, dh0 = _impl(backend).backward_native(
+      q, k, v, _cumsum_bthd(g, C), beta, m, seg, h0, do, dhT.astype(jnp.float32), chunk_size=C, scale=scale,
+      l2norm=l2norm)
+  return dq, dk, dv, dg, dbeta, dh0, jnp.zeros_like(m), jnp.zeros_like(seg)
+
+
+_core_native.defvjp(_core_native_fwd, _core_native_bwd)
+
+
+def _run_native(backend, q, k, v, g, beta, scale, initial_state, use_qk_l2norm, segment_ids, C):
+  """q, k, v, O and the input gradients stay in [B, T, H, *]; the kernels normalise, scale and transpose."""
+  B, T, H, K = q.shape
+  V = v.shape[-1]
+  Tp = -(-T // C) * C
+  # Padding tokens (only when T % C != 0) have q = k = v = 0, g = 0, beta = 0: they leave the state untouched.
+  pad = lambda x: x if Tp == T else jnp.pad(x, ((0, 0), (0, Tp - T)) + ((0, 0),) * (x.ndim - 2))
+  m, seg = _segments(segment_ids, B, T, C)
+  o, hT = _core_native(backend, C, float(scale), bool(use_qk_l2norm), pad(q), pad(k), pad(v),
+                       pad(g.astype(jnp.float32))[..., None], pad(beta.astype(jnp.float32))[..., None],
+                       _h0(initial_state, B, H, K, V), m, seg)
+  return (o if Tp == T else o[:, :T]), hT
 
 
 def chunk_gated_delta_rule(q, k, v, g, beta, *, scale=None, initial_state=None, output_final_state=False,
@@ -185,6 +244,9 @@ def chunk_gated_delta_rule(q, k, v, g, beta, *, scale=None, initial_state=None, 
   scale = K ** -0.5 if scale is None else scale
   C = chunk_size
   backend = resolve_backend(backend, K, V, C, q.dtype)
+  if backend != "xla" and _native(_impl(backend)) and isinstance(scale, (int, float)):
+    o, hT = _run_native(backend, q, k, v, g, beta, scale, initial_state, use_qk_l2norm, segment_ids, C)
+    return o, (hT.reshape(B, H, K, V) if output_final_state else None)
   args = _prepare(q, k, v, g, beta, scale, initial_state, use_qk_l2norm, segment_ids, C)
   o, hT = _core(backend, C, *args)
   o = o[:, :T].reshape(B, H, T, V).swapaxes(1, 2).astype(v.dtype)

@@ -17,6 +17,7 @@ from jax.experimental import pallas as pl
 from .. import _compat
 from . import chunk_math as cm
 from . import pallas_common
+from .naive import L2NORM_EPS
 
 BV = 64  # value columns per program of the sequential passes
 # Version 2 (default): `prep` hoists all state-independent work (tiled inverse, Q K^T * D, gate columns) into one
@@ -240,6 +241,10 @@ def backward_state(q, k, w, do, gam, m, seg, dhT, *, chunk_size):
 # The version-3 wrappers take per-token tensors in the caller's [B, T, H, *] layout (heads-first arrays pass as
 # [N, Tp, 1, *], i.e. H = 1) and keep the intermediates of `prep` and the states heads-first ([B*H, ...]).
 SPLIT_GRADS = True
+# NATIVE_LAYOUT (with SPLIT_GRADS): q, k, v, O and all input gradients are read and written in the caller's
+# [B, T, H, *] layout, and the q/k L2 norm, the scale and the norm's VJP run inside the kernels (`forward_native`,
+# `backward_native`). False: `chunk._prepare` normalises, scales and transposes in XLA, as before.
+NATIVE_LAYOUT = True
 GRAD_BK = 64  # key columns per block of the version-3 gradient kernel
 GRAD_BV = 64  # value columns per block of the version-3 gradient kernel
 
@@ -342,8 +347,27 @@ def backward_state_v3(pre, do, dhT, *, chunk_size):
   )(qe, kf, w, p, gl, do, dhT)
 
 
+def _norm_factor(ref, blocks, l2norm):
+  """Per-row rsqrt(sum x^2 + eps) [C, 1] of a raw q/k block (summed over its key-column blocks), or None."""
+  if not l2norm:
+    return None
+  ss = None
+  for b in blocks:
+    x = ref[:, b].astype(jnp.float32)
+    t = jnp.sum(x * x, axis=1, keepdims=True)
+    ss = t if ss is None else ss + t
+  return jax.lax.rsqrt(ss + L2NORM_EPS)
+
+
+def _normalise(x, rho, scale):
+  """x (raw rows, float32) -> rows as `chunk._prepare` makes them: (x * rho) * scale (q) or x * rho (k)."""
+  if rho is not None:
+    x = x * rho
+  return x if scale is None else x * scale
+
+
 def _grads_v3_kernel(q_ref, k_ref, v_ref, do_ref, gam_ref, beta_ref, m_ref, seg_ref, a_ref, vn_ref, dvn_ref, h_ref,
-                     dh_ref, dq_ref, dk_ref, dv_ref, dbeta_ref, dg_ref, *, bk, bv):
+                     dh_ref, dq_ref, dk_ref, dv_ref, dbeta_ref, dg_ref, *, bk, bv, raw, scale, l2norm):
   cdt = a_ref.dtype
   f32 = jnp.float32
   nk, nv = q_ref.shape[-1] // bk, v_ref.shape[-1] // bv
@@ -351,6 +375,9 @@ def _grads_v3_kernel(q_ref, k_ref, v_ref, do_ref, gam_ref, beta_ref, m_ref, seg_
   vc = lambda j: slice(j * bv, (j + 1) * bv)
   rows = dict(v=v_ref, do=do_ref, vn=vn_ref, dvn=dvn_ref)
   states = dict(h=h_ref, dh=dh_ref)
+  # raw: q, k arrive as given by the caller; normalise them here and apply the norm's VJP to dq', dk'.
+  rq = _norm_factor(q_ref, [kc(i) for i in range(nk)], l2norm) if raw else None
+  rk = _norm_factor(k_ref, [kc(i) for i in range(nk)], l2norm) if raw else None
 
   def load(name, j):
     return rows[name][:, vc(j)].astype(cdt)
@@ -359,12 +386,29 @@ def _grads_v3_kernel(q_ref, k_ref, v_ref, do_ref, gam_ref, beta_ref, m_ref, seg_
     return states[name][kc(kb), vc(j)].astype(cdt)
 
   def load_qk(kb):
-    return q_ref[:, kc(kb)].astype(cdt), k_ref[:, kc(kb)].astype(cdt)
+    q, k = q_ref[:, kc(kb)], k_ref[:, kc(kb)]
+    if raw:
+      q, k = _normalise(q.astype(f32), rq, scale), _normalise(k.astype(f32), rk, None)
+    return q.astype(cdt), k.astype(cdt)
 
   def store_dv(j, x):
     dv_ref[:, vc(j)] = x.astype(dv_ref.dtype)
 
+  held = []  # raw + l2norm: (dq', dk') per key block until the row sums q . dq', k . dk' are complete
+  tq = tk = None
+
   def store_dqk(kb, dq, dk):
+    nonlocal tq, tk
+    if raw and l2norm:
+      if kb < nk - 1:  # waits in registers in the compute dtype (as the old path's custom VJP returned dq', dk')
+        dq, dk = dq.astype(cdt), dk.astype(cdt)
+      t = (jnp.sum(q_ref[:, kc(kb)].astype(f32) * dq.astype(f32), axis=1, keepdims=True),
+           jnp.sum(k_ref[:, kc(kb)].astype(f32) * dk.astype(f32), axis=1, keepdims=True))
+      tq, tk = t if kb == 0 else (tq + t[0], tk + t[1])
+      held.append((dq, dk))
+      return
+    if raw:
+      dq = dq * scale
     dq_ref[:, kc(kb)] = dq.astype(dq_ref.dtype)
     dk_ref[:, kc(kb)] = dk.astype(dk_ref.dtype)
 
@@ -373,15 +417,21 @@ def _grads_v3_kernel(q_ref, k_ref, v_ref, do_ref, gam_ref, beta_ref, m_ref, seg_
                                       nk, nv)
   dbeta_ref[...] = dbeta
   dg_ref[...] = dg
+  # x' = s rho x: dx = s rho (dx' - rho^2 x (x . dx'))
+  for kb, (dq, dk) in enumerate(held):
+    q, k = q_ref[:, kc(kb)].astype(f32), k_ref[:, kc(kb)].astype(f32)
+    dq_ref[:, kc(kb)] = (scale * rq * (dq.astype(f32) - (rq * rq * tq) * q)).astype(dq_ref.dtype)
+    dk_ref[:, kc(kb)] = (rk * (dk.astype(f32) - (rk * rk * tk) * k)).astype(dk_ref.dtype)
 
 
-def grads_v3(a, q, k, v, gam, beta, m, seg, h, dh, vn, dvn, do, *, chunk_size):
+def grads_v3(a, q, k, v, gam, beta, m, seg, h, dh, vn, dvn, do, *, chunk_size, raw=False, scale=None, l2norm=True):
   """Chunk-parallel gradient kernel of version 3, grid (B, H, chunks).
 
-  Per-token inputs in the [B, Tp, H, *] layout: q, k (normalised and scaled), v, do, gam, beta ([..., 1]); m, seg
-  [B, Tp, 1] float32. From the other stages ([B*H, ...]): a (`prep`), h and V' (states-only pass), dh and dV'
-  (reverse pass). Returns dq, dk [B, Tp, H, K] (q.dtype), dv [B, Tp, H, V] (v.dtype) and dbeta, dg [B, Tp, H, 1]
-  float32 (dg w.r.t. the per-token g).
+  Per-token inputs in the [B, Tp, H, *] layout: q, k, v, do, gam, beta ([..., 1]); m, seg [B, Tp, 1] float32.
+  q and k are normalised and scaled already, or with `raw` as the caller gave them (normalised with `l2norm`, q
+  scaled by `scale`, and the gradients taken through that here). From the other stages ([B*H, ...]): a (`prep`),
+  h and V' (states-only pass), dh and dV' (reverse pass). Returns dq, dk [B, Tp, H, K] (q.dtype), dv [B, Tp, H, V]
+  (v.dtype) and dbeta, dg [B, Tp, H, 1] float32 (dg w.r.t. the per-token g).
   """
   B, Tp, H, K = q.shape
   V = v.shape[-1]
@@ -395,7 +445,7 @@ def grads_v3(a, q, k, v, gam, beta, m, seg, h, dh, vn, dvn, do, *, chunk_size):
   sds = jax.ShapeDtypeStruct
   f32 = jnp.float32
   return pl.pallas_call(
-      functools.partial(_grads_v3_kernel, bk=bk, bv=bv), grid=(B, H, Tp // C),
+      functools.partial(_grads_v3_kernel, bk=bk, bv=bv, raw=raw, scale=scale, l2norm=l2norm), grid=(B, H, Tp // C),
       in_specs=[tok(K), tok(K), tok(V), tok(V), tok(1), tok(1), bcol, bcol, inter(C), inter(V), inter(V), st, st],
       out_specs=[tok(K), tok(K), tok(V), tok(1), tok(1)],
       out_shape=[sds(q.shape, q.dtype), sds(k.shape, k.dtype), sds(v.shape, v.dtype), sds((B, Tp, H, 1), f32),
@@ -416,3 +466,70 @@ def backward_split(q, k, v, gam, beta, m, seg, h0, do, dhT, *, chunk_size):
   out = grads_v3(pre["a"], as4(q), as4(k), as4(v), as4(gam), as4(beta), m, seg, h, dh, vn, dvn, as4(do),
                  chunk_size=C)
   return tuple(x[:, :, 0, :] for x in out) + (dh0,)
+
+
+def _prep_v3_kernel(q_ref, k_ref, v_ref, gam_ref, beta_ref, m_ref, seg_ref, *out_refs, scale, l2norm):
+  ins = dict(q=q_ref, k=k_ref, v=v_ref, gam=gam_ref, beta=beta_ref, m=m_ref, seg=seg_ref)
+  outs = dict(zip(PREP_NAMES, out_refs))
+  cdt = outs["w"].dtype
+  S = cm.SUB
+  rows = lambda b: slice(None) if b is None else pl.ds(b * S, S)
+
+  def load(name, b):
+    x = ins[name][rows(b), :]
+    if name in ("q", "k"):  # raw rows -> normalised (and, for q, scaled) in the compute dtype
+      x = x.astype(jnp.float32)
+      rho = jax.lax.rsqrt(jnp.sum(x * x, axis=1, keepdims=True) + L2NORM_EPS) if l2norm else None
+      return _normalise(x, rho, scale if name == "q" else None).astype(cdt)
+    return x.astype(cdt if name == "v" else jnp.float32)
+
+  def store(name, b, x):
+    ref = outs[name]
+    if name == "a":
+      ref[pl.ds(b[0] * S, S), pl.ds(b[1] * S, S)] = x.astype(ref.dtype)
+    else:
+      ref[rows(b), :] = x.astype(ref.dtype)
+
+  cm.chunk_prep(load, store, q_ref.shape[0])
+
+
+def prep_v3(q, k, v, gam, beta, m, seg, *, chunk_size, scale, l2norm):
+  """`prep` on the caller's layout: q, k [B, Tp, H, K] and v [B, Tp, H, V] raw (any float dtype; the compute dtype
+  is q's), gam, beta [B, Tp, H, 1], m, seg [B, Tp, 1]; q/k rows are L2-normalised (`l2norm`) and q scaled here.
+  Returns the dict of `prep` ([B*H, Tp, *])."""
+  B, Tp, H, K = q.shape
+  V = v.shape[-1]
+  C = chunk_size
+  N = B * H
+  tok = lambda d: pl.BlockSpec((None, C, None, d), lambda b, hh, c: (b, c, hh, 0))
+  bcol = pl.BlockSpec((None, C, 1), lambda b, hh, c: (b, c, 0))
+  dims = dict(w=K, u=V, a=C, p=C, qe=K, kf=K, gl=1)
+  out_spec = lambda d: pl.BlockSpec((None, C, d), lambda b, hh, c: (b * H + hh, c, 0))
+  sds = lambda n: jax.ShapeDtypeStruct((N, Tp, dims[n]), jnp.float32 if n == "gl" else q.dtype)
+  out = pl.pallas_call(
+      functools.partial(_prep_v3_kernel, scale=scale, l2norm=l2norm), grid=(B, H, Tp // C),
+      in_specs=[tok(K), tok(K), tok(V), tok(1), tok(1), bcol, bcol],
+      out_specs=[out_spec(dims[n]) for n in PREP_NAMES], out_shape=[sds(n) for n in PREP_NAMES],
+      compiler_params=_compat.triton_params(num_warps=4, num_stages=2), interpret=_compat.gpu_interpret(),
+      name="gdn_prep_v3",
+  )(q, k, v, gam, beta, m, seg)
+  return dict(zip(PREP_NAMES, out))
+
+
+def forward_native(q, k, v, gam, beta, m, seg, h0, *, chunk_size, scale, l2norm):
+  """Forward on the caller's layout (see `prep_v3`; h0 [B*H, K, V] float32): o [B, Tp, H, V] (v.dtype), hT."""
+  pre = prep_v3(q, k, v, gam, beta, m, seg, chunk_size=chunk_size, scale=scale, l2norm=l2norm)
+  o, hT, _, _ = forward_v3(pre, h0, heads=q.shape[2], need_o=True, o_dtype=v.dtype, chunk_size=chunk_size)
+  return o, hT
+
+
+def backward_native(q, k, v, gam, beta, m, seg, h0, do, dhT, *, chunk_size, scale, l2norm):
+  """Backward of `forward_native` (do [B, Tp, H, V], dhT [B*H, K, V]): dq, dk, dv in the caller's layout and
+  dtypes (through the L2 norm and the scale), dbeta, dg [B, Tp, H, 1] float32, dh0 [B*H, K, V]."""
+  C = chunk_size
+  pre = prep_v3(q, k, v, gam, beta, m, seg, chunk_size=C, scale=scale, l2norm=l2norm)
+  _, _, h, vn = forward_v3(pre, h0, heads=q.shape[2], need_o=False, store=True, chunk_size=C)
+  dh, dh0, dvn = backward_state_v3(pre, do, dhT, chunk_size=C)
+  out = grads_v3(pre["a"], q, k, v, gam, beta, m, seg, h, dh, vn, dvn, do, chunk_size=C, raw=True, scale=scale,
+                 l2norm=l2norm)
+  return out + (dh0,)
