@@ -2,6 +2,11 @@
 
 One device call (fla 0.4.0 wheels carried in .wheels/, see PERFORMANCE.md):
   XLA_PYTHON_CLIENT_PREALLOCATE=false python3 benchmarks/gdn_kernel.py --out $OUT
+  (--long '' skips T=131072, --no-fla skips fla, --xla adds our XLA backend; --smoke: tiny shapes on CPU, interpret
+  mode, no fla: checks that the script runs end to end.)
+Order: correctness (bf16, T=1000, version 3 in both layouts vs the fp32 recurrence), then the A/B of the Pallas GPU
+versions (`pallas_gpu` flags: v2 = SPLIT_GRADS off, v3_xla_layout = NATIVE_LAYOUT off, v3 = default) forward and
+forward+backward at each length, then fla, then each kernel stage of v2 and v3 jitted alone at T=8192.
 Shapes: B=1, H=16, K=128, V=256, bf16 operands, fp32 state, q/k L2-norm inside. Times are medians of timed
 repeats after warm-up (JAX: wall clock around block_until_ready of a batch of calls; torch: CUDA events).
 Peak memory: JAX from the compiled executable's memory analysis (arguments + outputs + temporaries); fla from
@@ -15,6 +20,7 @@ checks the time left (--budget); a watchdog prints the table of whatever was mea
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import statistics
@@ -34,6 +40,27 @@ from pallas_kernels.gated_delta_rule import (chunk_gated_delta_rule, naive_recur
                                              pallas_gpu)
 
 B, H, K, V = 1, 16, 128, 256
+REPS, INNER = 5, 10  # bench_jax defaults (--smoke: 1, 1)
+
+# Pallas GPU versions compared in one run (module flags of pallas_gpu, read when a function is traced).
+CONFIGS = {
+    "v2": dict(FUSED_PREP=True, SPLIT_GRADS=False, NATIVE_LAYOUT=False),
+    "v3_xla_layout": dict(FUSED_PREP=True, SPLIT_GRADS=True, NATIVE_LAYOUT=False),
+    "v3": dict(FUSED_PREP=True, SPLIT_GRADS=True, NATIVE_LAYOUT=True),
+}
+FWD_SAME_AS = {"v3_xla_layout": "v2"}  # identical forward kernels: timed once
+
+
+@contextlib.contextmanager
+def gpu_flags(**flags):
+  old = {n: getattr(pallas_gpu, n) for n in flags}
+  for n, x in flags.items():
+    setattr(pallas_gpu, n, x)
+  try:
+    yield
+  finally:
+    for n, x in old.items():
+      setattr(pallas_gpu, n, x)
 
 
 def rel(a, b):
@@ -52,7 +79,8 @@ def inputs(seed, T, dtype=jnp.bfloat16, resets=False):
   return (q, k, v, g, beta), seg
 
 
-def bench_jax(fn, args, reps=5, inner=10):
+def bench_jax(fn, args, reps=None, inner=None):
+  reps, inner = reps or REPS, inner or INNER
   out = fn(*args)
   jax.block_until_ready(out)
   ts = []
@@ -73,9 +101,8 @@ def compiled_peak(comp):
     return None
 
 
-def correctness(report, dtypes=(jnp.bfloat16,), backends=("pallas_gpu",)):
-  """Ours vs the fp32 recurrence (run under highest matmul precision), with resets and an initial state, T=1000."""
-  T = 1000
+def correctness(report, dtypes=(jnp.bfloat16,), configs=("v3", "v3_xla_layout"), T=1000):
+  """Ours vs the fp32 recurrence (run under highest matmul precision), with resets and an initial state."""
   tols = {jnp.dtype(jnp.float32): 1e-3, jnp.dtype(jnp.bfloat16): 2e-2}
   for dtype in dtypes:
     tol = tols[jnp.dtype(dtype)]
@@ -91,26 +118,33 @@ def correctness(report, dtypes=(jnp.bfloat16,), backends=("pallas_gpu",)):
         o, s = naive_recurrent_gated_delta_rule(*a, initial_state=h0, output_final_state=True, segment_ids=seg)
         return jnp.sum(o * do) + jnp.sum(s)
       gref = jax.jit(jax.grad(ref_loss, argnums=(0, 1, 2, 3, 4)))(*map(f32, (q, k, v, g, beta)))
-    for backend in backends:
-      fn = jax.jit(lambda *a: chunk_gated_delta_rule(*a, initial_state=h0, output_final_state=True,
-                                                     segment_ids=seg, backend=backend))
-      o, s = fn(q, k, v, g, beta)
 
-      def loss(*a):
-        o, s = chunk_gated_delta_rule(*a, initial_state=h0, output_final_state=True, segment_ids=seg,
-                                      backend=backend)
-        return jnp.sum(o.astype(jnp.float32) * do) + jnp.sum(s)
-      gr = jax.jit(jax.grad(loss, argnums=(0, 1, 2, 3, 4)))(q, k, v, g, beta)
+    def loss(*a):
+      o, s = chunk_gated_delta_rule(*a, initial_state=h0, output_final_state=True, segment_ids=seg,
+                                    backend="pallas_gpu")
+      return jnp.sum(o.astype(jnp.float32) * do) + jnp.sum(s)
+    for config in configs:
+      with gpu_flags(**CONFIGS[config]):  # traced (first call) inside: the flags select the kernels
+        o, s = jax.jit(lambda *a: chunk_gated_delta_rule(*a, initial_state=h0, output_final_state=True,
+                                                         segment_ids=seg, backend="pallas_gpu"))(q, k, v, g, beta)
+        gr = jax.jit(jax.grad(loss, argnums=(0, 1, 2, 3, 4)))(q, k, v, g, beta)
       errs = {"o": rel(o, ref[0]), "state": rel(s, ref[1])}
       errs.update({f"d{n}": rel(a, b) for n, a, b in zip("q k v g beta".split(), gr, gref)})
       ok = all(np.isfinite(e) and e <= tol for e in errs.values())
-      report.append({"backend": backend, "dtype": jnp.dtype(dtype).name, "T": T, "tol": tol, "ok": ok, **errs})
-      print(f"correctness {backend:10s} {jnp.dtype(dtype).name:8s} ok={ok} " +
+      report.append({"backend": "pallas_gpu", "config": config, "dtype": jnp.dtype(dtype).name, "T": T, "tol": tol,
+                     "ok": ok, **errs})
+      print(f"correctness {config:14s} {jnp.dtype(dtype).name:8s} ok={ok} " +
             " ".join(f"{n}={e:.2e}" for n, e in errs.items()), flush=True)
 
 
-def compile_case(T, backend, fwd_bwd):
-  """(compiled executable, args, compile seconds) for ours/XLA forward or forward+backward at length T."""
+def compile_case(T, backend, fwd_bwd, config=None):
+  """(compiled executable, args, compile seconds) for ours/XLA forward or forward+backward at length T; `config`
+  names the Pallas GPU version (CONFIGS)."""
+  with gpu_flags(**CONFIGS[config]) if config else contextlib.nullcontext():
+    return _compile_case(T, backend, fwd_bwd)
+
+
+def _compile_case(T, backend, fwd_bwd):
   args, _ = inputs(0, T)
   f = lambda *a: chunk_gated_delta_rule(*a, backend=backend)[0]
   if fwd_bwd:
@@ -197,37 +231,93 @@ def fla_worker(lengths, out, flags):
 
 # ---------------------------------------------------------------- stages
 
-def stage_times(T):
-  """Where our time goes: each stage of the custom VJP (version 2) jitted alone (bf16, T tokens)."""
+def stage_times(T, out=None, left=lambda: 1e9):
+  """Where our time goes: each stage of the custom VJP jitted alone (bf16, T tokens), version 3 then version 2.
+
+  Fills and returns `out` (stage -> ms, or a string saying why not); stops early when `left()` (seconds) runs low.
+  v3_* stages are the default path (NATIVE_LAYOUT: raw [B, T, H, *] inputs); v2_* the previous one.
+  """
+  out = {} if out is None else out
   C = 64
   args, _ = inputs(0, T)
-  prep_x = jax.jit(lambda *a: gdn_chunk._prepare(*a, K ** -0.5, None, True, None, C))
-  q, k, v, g, beta, h0, m, seg = prep_x(*args)
-  gam = gdn_chunk.chunk_cumsum(g, C)
-  out = {"xla_prepare": bench_jax(prep_x, args)}
-  prep = jax.jit(lambda *a: pallas_gpu.prep(*a, chunk_size=C))
-  pre = prep(q, k, v, gam, beta, m, seg)
-  out["prep"] = bench_jax(prep, (q, k, v, gam, beta, m, seg))
-  fwd = jax.jit(lambda p, h: pallas_gpu.forward_pre(p, h, False, chunk_size=C)[:2])
-  out["fwd_state"] = bench_jax(fwd, (pre, h0))
-  fwds = jax.jit(lambda p, h: pallas_gpu.forward_pre(p, h, True, need_o=False, chunk_size=C)[1:])
-  hT, h = fwds(pre, h0)
-  out["fwd_states_only_store"] = bench_jax(fwds, (pre, h0))
-  do = v
-  bst = jax.jit(lambda p, d, s: pallas_gpu.backward_state_pre(p, d, s, chunk_size=C))
-  dh, _ = bst(pre, do, hT)
-  out["bwd_state"] = bench_jax(bst, (pre, do, hT))
-  gr = jax.jit(lambda a, *x: pallas_gpu.grads(*x, chunk_size=C, a=a))
-  out["grads"] = bench_jax(gr, (pre["a"], q, k, v, gam, beta, m, seg, h, dh, do))
-  old_bv = pallas_gpu.BV
-  try:  # twice the programs for the serial passes (16 heads x 4 blocks of 64 columns leave SMs idle)
-    pallas_gpu.BV = 32
-    out["fwd_state_bv32"] = bench_jax(jax.jit(lambda p, h: pallas_gpu.forward_pre(p, h, False, chunk_size=C)[:2]),
-                                      (pre, h0))
-    out["bwd_state_bv32"] = bench_jax(jax.jit(lambda p, d, s: pallas_gpu.backward_state_pre(p, d, s, chunk_size=C)),
-                                      (pre, do, hT))
-  finally:
-    pallas_gpu.BV = old_bv
+  sc = K ** -0.5
+  as4 = lambda x: x[:, :, None, :]  # heads-first [N, Tp, d] -> [N, Tp, 1, d] (B = N, H = 1)
+
+  def stage(name, fn, *a):
+    if left() < 15:
+      raise TimeoutError(f"{left():.0f} s left")
+    f = jax.jit(fn)
+    try:
+      res = f(*a)
+      out[name] = bench_jax(f, a)
+    except Exception as e:  # noqa: BLE001
+      out[name] = f"failed: {type(e).__name__}: {str(e)[:300]}"
+      print(f"stage {name} {out[name]}", flush=True)
+      raise
+    print(f"stage {name}: {out[name]:.3f} ms", flush=True)
+    return res
+
+  def v3():
+    qr, kr, vr, gr, br = args
+    pre_x = lambda g, b: ((gdn_chunk._cumsum_bthd(g.astype(jnp.float32)[..., None], C),
+                           b.astype(jnp.float32)[..., None]) + gdn_chunk._segments(None, B, T, C))
+    gam4, beta4, m3, seg3 = stage("v3_xla_inputs", pre_x, gr, br)
+    h0 = jnp.zeros((B * H, K, V), jnp.float32)
+    pre = stage("v3_prep", lambda *a: pallas_gpu.prep_v3(*a, chunk_size=C, scale=sc, l2norm=True),
+                qr, kr, vr, gam4, beta4, m3, seg3)
+    fwd = lambda p, h: pallas_gpu.forward_v3(p, h, heads=H, need_o=True, o_dtype=vr.dtype, chunk_size=C)[:2]
+    stage("v3_fwd_state", fwd, pre, h0)
+    hT, h, vn = stage("v3_fwd_states_only_store", lambda p, h: pallas_gpu.forward_v3(
+        p, h, heads=H, need_o=False, store=True, chunk_size=C)[1:], pre, h0)
+    do = vr
+    bwd = lambda p, d, s: pallas_gpu.backward_state_v3(p, d, s, chunk_size=C)
+    dh, _, dvn = stage("v3_bwd_state", bwd, pre, do, hT)
+    g3 = (pre["a"], qr, kr, vr, gam4, beta4, m3, seg3, h, dh, vn, dvn, do)
+    stage("v3_grads", lambda *x: pallas_gpu.grads_v3(*x, chunk_size=C, raw=True, scale=sc, l2norm=True), *g3)
+    # version 3 with the XLA layout: the same gradient kernel on normalised heads-first arrays
+    q, k, v, g, beta, _, m, seg = jax.jit(lambda *a: gdn_chunk._prepare(*a, sc, None, True, None, C))(*args)
+    gam = gdn_chunk.chunk_cumsum(g, C)
+    stage("v3_grads_xla_layout", lambda *x: pallas_gpu.grads_v3(*x, chunk_size=C),
+          pre["a"], as4(q), as4(k), as4(v), as4(gam), as4(beta), m, seg, h, dh, vn, dvn, as4(v))
+    ctx.update(g3=g3, fwd=fwd, bwd=bwd, pre=pre, h0=h0, do=do, hT=hT)
+
+  def variants():  # block sizes of version 3 (the module constants are read when traced)
+    g3, fwd, bwd, pre, h0, do, hT = (ctx[n] for n in ("g3", "fwd", "bwd", "pre", "h0", "do", "hT"))
+    for name, flags in (("v3_grads_bv128", dict(GRAD_BV=128)), ("v3_grads_bk128", dict(GRAD_BK=128))):
+      with gpu_flags(**flags):
+        try:
+          stage(name, lambda *x: pallas_gpu.grads_v3(*x, chunk_size=C, raw=True, scale=sc, l2norm=True), *g3)
+        except TimeoutError:
+          raise
+        except Exception:  # noqa: BLE001  (recorded; the other stages go on)
+          pass
+    with gpu_flags(BV=32):
+      stage("v3_fwd_state_bv32", lambda *a: fwd(*a), pre, h0)
+      stage("v3_bwd_state_bv32", lambda *a: bwd(*a)[:2], pre, do, hT)
+
+  def v2():
+    with gpu_flags(**CONFIGS["v2"]):
+      prep_x = lambda *a: gdn_chunk._prepare(*a, sc, None, True, None, C)
+      q, k, v, g, beta, h0, m, seg = stage("v2_xla_prepare", prep_x, *args)
+      gam = gdn_chunk.chunk_cumsum(g, C)
+      pre = stage("v2_prep", lambda *a: pallas_gpu.prep(*a, chunk_size=C), q, k, v, gam, beta, m, seg)
+      stage("v2_fwd_state", lambda p, h: pallas_gpu.forward_pre(p, h, False, chunk_size=C)[:2], pre, h0)
+      hT, h = stage("v2_fwd_states_only_store",
+                    lambda p, h: pallas_gpu.forward_pre(p, h, True, need_o=False, chunk_size=C)[1:], pre, h0)
+      do = v
+      dh, _ = stage("v2_bwd_state", lambda p, d, s: pallas_gpu.backward_state_pre(p, d, s, chunk_size=C),
+                    pre, do, hT)
+      stage("v2_grads", lambda a, *x: pallas_gpu.grads(*x, chunk_size=C, a=a),
+            pre["a"], q, k, v, gam, beta, m, seg, h, dh, do)
+
+  ctx = {}
+  for part in (v3, v2, variants):
+    if part is variants and not ctx:
+      continue
+    try:
+      part()
+    except Exception as e:  # noqa: BLE001
+      print(f"stages {part.__name__} stopped: {type(e).__name__}: {str(e)[:200]}", flush=True)
   return out
 
 
@@ -235,11 +325,26 @@ def stage_times(T):
 
 def table(report):
   info = report["info"]
-  lines = [f"\n{info['device']}  JAX {info['jax']}",
-           "| T | mode | ours ms | fla ms | xla ms | fla/ours | xla/ours | ours peak GB | fla peak GB | xla peak GB |",
-           "|---|---|---|---|---|---|---|---|---|---|"]
   gb = lambda x: f"{x / 2**30:.2f}" if x else "-"
   fmt = lambda t: f"{t:.3f}" if t else "-"
+  cfgs = list(info.get("configs", {}))
+  lines = [f"\n{info['device']}  JAX {info['jax']}",
+           "A/B of the Pallas GPU versions (ms; v3_xla_layout's forward is v2's; speed-up = v2 / v3):",
+           "| T | mode | " + " | ".join(f"{c} ms" for c in cfgs) + " | v2/v3 | v3 peak GB |",
+           "|---|---|" + "---|" * (len(cfgs) + 2)]
+  for T in sorted(report["timing"]):
+    r = report["timing"][T]
+    for mode in ("fwd", "fwdbwd"):
+      ts = [r.get(f"{c}_{mode}_ms") for c in cfgs]
+      if not any(ts):
+        continue
+      ratio = (f"{r[f'v2_{mode}_ms'] / r[f'v3_{mode}_ms']:.2f}"
+               if r.get(f"v2_{mode}_ms") and r.get(f"v3_{mode}_ms") else "-")
+      lines.append(f"| {T} | {mode} | " + " | ".join(fmt(t) for t in ts) + f" | {ratio} | "
+                   f"{gb(r.get(f'v3_{mode}_peak'))} |")
+  lines += ["ours (default version) vs fla and the XLA backend:",
+            "| T | mode | ours ms | fla ms | xla ms | fla/ours | xla/ours | ours peak GB | fla peak GB | xla peak GB |",
+            "|---|---|---|---|---|---|---|---|---|---|"]
   for T in sorted(report["timing"]):
     r = report["timing"][T]
     for mode in ("fwd", "fwdbwd"):
@@ -248,6 +353,10 @@ def table(report):
       lines.append(f"| {T} | {mode} | {fmt(o)} | {fmt(fl)} | {fmt(x)} | {ratio(fl)} | {ratio(x)} | "
                    f"{gb(r.get(f'ours_{mode}_peak'))} | {gb(r.get(f'fla_{mode}_peak'))} | "
                    f"{gb(r.get(f'xla_{mode}_peak'))} |")
+  st = report.get("stages") or {}
+  if st:
+    lines += ["stages (ms, each jitted alone):", "| stage | ms |", "|---|---|"]
+    lines += [f"| {n} | {fmt(t) if isinstance(t, float) else t} |" for n, t in st.items()]
   return "\n".join(lines)
 
 
@@ -301,25 +410,38 @@ def finalize(report, out, why):
 
 
 def main():
+  global B, H, K, V, REPS, INNER
   ap = argparse.ArgumentParser()
   ap.add_argument("--out", default=os.environ.get("OUT", "."))
   ap.add_argument("--lengths", default="8192,32768")
-  ap.add_argument("--long", default="131072", help="lengths run last, if time remains ('' for none)")
-  ap.add_argument("--budget", type=float, default=385.0, help="seconds; the table prints by then regardless")
+  ap.add_argument("--long", default="131072", help="lengths run last (default version only), if time remains "
+                                                   "('' for none)")
+  ap.add_argument("--budget", type=float, default=340.0, help="seconds; the table prints by then regardless")
+  ap.add_argument("--configs", default=",".join(CONFIGS), help="Pallas GPU versions to A/B (see CONFIGS)")
+  ap.add_argument("--stages", type=int, default=8192, help="T of the per-stage timings (0: none)")
+  ap.add_argument("--no-fla", action="store_true", help="skip flash-linear-attention")
+  ap.add_argument("--xla", action="store_true", help="also time our XLA backend")
+  ap.add_argument("--smoke", action="store_true", help="tiny shapes, interpret mode on CPU, no fla")
   ap.add_argument("--fla-worker", action="store_true")
   ap.add_argument("--flags", default="/tmp/gdn_flags")
   a = ap.parse_args()
   lengths = [int(t) for t in a.lengths.split(",") if t]
   longs = [int(t) for t in a.long.split(",") if t]
+  configs = [c for c in a.configs.split(",") if c]
+  corr_T = 1000
+  if a.smoke:
+    B, H, K, V = 1, 2, 32, 32
+    REPS = INNER = 1
+    lengths, longs, corr_T, a.stages, a.no_fla = [128, 256], [], 130, 256, True
   os.makedirs(a.out, exist_ok=True)
   if a.fla_worker:
     return fla_worker(lengths + longs, a.out, a.flags)
   t0 = time.time()
   left = lambda: t0 + a.budget - time.time()
   dev = jax.devices()[0]
-  from pallas_kernels.gated_delta_rule import xla as gdn_xla
-  info = {"device": dev.device_kind, "jax": jax.__version__, "bv": pallas_gpu.BV, "version": 2,
-          "xla_backend_inverse": getattr(gdn_xla._solve_inverse, "__name__", "?")}
+  info = {"device": dev.device_kind, "jax": jax.__version__, "shape": dict(B=B, H=H, K=K, V=V),
+          "bv": pallas_gpu.BV, "grad_bk": pallas_gpu.GRAD_BK, "grad_bv": pallas_gpu.GRAD_BV,
+          "configs": {c: CONFIGS[c] for c in configs}, "default": "v3", "smoke": a.smoke}
   print(info, flush=True)
   report = {"info": info, "t0": t0, "correctness": [], "timing": {T: {"T": T} for T in lengths}, "stages": {},
             "compile_s": {}}
@@ -330,9 +452,12 @@ def main():
   for n in ("fla_warm", "fla_go", "fla_done"):
     if os.path.exists(os.path.join(a.flags, n)):
       os.remove(os.path.join(a.flags, n))
-  worker = subprocess.Popen([sys.executable, "-u", __file__, "--fla-worker", "--out", a.out, "--flags", a.flags,
-                             "--lengths", a.lengths, "--long", a.long], env=dict(os.environ, JAX_PLATFORMS="cpu"))
+  worker = None
+  if not a.no_fla:
+    worker = subprocess.Popen([sys.executable, "-u", __file__, "--fla-worker", "--out", a.out, "--flags", a.flags,
+                               "--lengths", a.lengths, "--long", a.long], env=dict(os.environ, JAX_PLATFORMS="cpu"))
   flag = lambda n: os.path.exists(os.path.join(a.flags, n))
+  fla_running = lambda: worker is not None and worker.poll() is None
 
   def section(name, need, fn):
     if left() < need:
@@ -347,63 +472,74 @@ def main():
     finally:
       print(f"[{name}] {time.perf_counter() - t:.1f} s, {left():.0f} s left", flush=True)
 
-  section("correctness bf16", 60, lambda: correctness(report["correctness"]))
+  section("correctness bf16", 60,
+          lambda: correctness(report["correctness"], configs=[c for c in ("v3", "v3_xla_layout") if c in configs],
+                              T=corr_T))
   compiled = {}
 
-  def compile_all(T, backend):
-    for fb in (False, True):
-      key = f"{'ours' if backend == 'pallas_gpu' else 'xla'}_{'fwdbwd' if fb else 'fwd'}"
-      try:
-        comp, args, sec = compile_case(T, backend, fb)
-      except Exception as e:  # noqa: BLE001
-        if backend == "pallas_gpu" and pallas_gpu.FUSED_PREP:
-          print(f"{key} T={T} version 2 failed ({type(e).__name__}: {str(e)[:800]}); using version 1", flush=True)
-          pallas_gpu.FUSED_PREP = False
-          info["version"] = 1
-          comp, args, sec = compile_case(T, backend, fb)
-        else:
-          raise
-      compiled[(T, key)] = (comp, args)
-      report["compile_s"][f"{key}_{T}"] = round(sec, 1)
-      report["timing"][T][key + "_peak"] = compiled_peak(comp)
-      print(f"compiled {key} T={T} in {sec:.1f} s", flush=True)
+  def compile_one(T, key, backend, fb, config=None):
+    try:
+      comp, args, sec = compile_case(T, backend, fb, config)
+    except Exception as e:  # noqa: BLE001
+      report["timing"][T][key + "_error"] = f"{type(e).__name__}: {str(e)[:800]}"
+      print(f"compile {key} T={T} failed: {report['timing'][T][key + '_error']}", flush=True)
+      return
+    compiled[(T, key)] = (comp, args)
+    report["compile_s"][f"{key}_{T}"] = round(sec, 1)
+    report["timing"][T][key + "_peak"] = compiled_peak(comp)
+    print(f"compiled {key} T={T} in {sec:.1f} s", flush=True)
 
-  for T in lengths:
-    section(f"compile ours T={T}", 40, lambda: compile_all(T, "pallas_gpu"))
-  for T in lengths:
-    section(f"compile xla T={T}", 60, lambda: compile_all(T, "xla"))
-  wait_until = time.time() + max(0.0, left() - 150)
-  while not flag("fla_warm") and time.time() < wait_until and worker.poll() is None:
-    time.sleep(0.5)
-  info["fla_idle_while_ours_timed"] = flag("fla_warm") or worker.poll() is not None
-  print(f"fla warm: {flag('fla_warm')}, {left():.0f} s left", flush=True)
+  def compile_ab(T, cfgs):  # A/B: each Pallas GPU version, forward and forward+backward
+    for fb in (False, True):
+      for c in cfgs:
+        if not fb and FWD_SAME_AS.get(c) in cfgs:
+          continue
+        compile_one(T, f"{c}_{'fwdbwd' if fb else 'fwd'}", "pallas_gpu", fb, c)
 
   def time_all():
     for (T, key), (comp, args) in sorted(compiled.items()):
-      report["timing"][T][key + "_ms"] = bench_jax(comp, args)
+      big = T > max(lengths)
+      report["timing"][T][key + "_ms"] = bench_jax(comp, args, *((3, 5) if big and not a.smoke else ()))
       print(f"time {key} T={T}: {report['timing'][T][key + '_ms']:.3f} ms", flush=True)
       del compiled[(T, key)]
-  section("time ours/xla", 10, time_all)
-  compiled.clear()
-  open(os.path.join(a.flags, "fla_go"), "w").close()
-  while not flag("fla_done") and worker.poll() is None and left() > 60:
+    for T, r in report["timing"].items():  # "ours" = the default version, else the newest that ran
+      for mode in ("fwd", "fwdbwd"):
+        for c in ("v3", "v3_xla_layout", "v2"):
+          c = FWD_SAME_AS.get(c, c) if mode == "fwd" and f"{c}_fwd_ms" not in r else c
+          if f"{c}_{mode}_ms" in r:
+            r[f"ours_{mode}_ms"], r[f"ours_{mode}_peak"], r[f"ours_{mode}_config"] = (
+                r[f"{c}_{mode}_ms"], r.get(f"{c}_{mode}_peak"), c)
+            break
+
+  for T in lengths:
+    section(f"compile A/B T={T}", 40, lambda: compile_ab(T, configs))
+  if a.xla:
+    for T in lengths:
+      section(f"compile xla T={T}", 60, lambda: [compile_one(T, f"xla_{m}", "xla", m == "fwdbwd")
+                                                 for m in ("fwd", "fwdbwd")])
+  wait_until = time.time() + max(0.0, left() - 150)
+  while fla_running() and not flag("fla_warm") and time.time() < wait_until:
     time.sleep(0.5)
-  if worker.poll() is None:
+  info["fla_idle_while_ours_timed"] = worker is None or flag("fla_warm") or not fla_running()
+  print(f"fla warm: {flag('fla_warm')}, {left():.0f} s left", flush=True)
+  section("time A/B", 10, time_all)
+  compiled.clear()
+  print(table(report), flush=True)
+  open(os.path.join(a.flags, "fla_go"), "w").close()
+  while fla_running() and not flag("fla_done") and left() > 60:
+    time.sleep(0.5)
+  if fla_running():
     worker.kill()
-  section("correctness fp32", 70, lambda: correctness(report["correctness"], dtypes=(jnp.float32,)))
-  st = section("stages T=8192", 60, lambda: stage_times(8192))
-  if st:
-    report["stages"] = st
-    print("stages (ms) at T=8192:", {k: round(v, 3) for k, v in st.items()}, flush=True)
+  if a.stages:
+    section(f"stages T={a.stages}", 60, lambda: stage_times(a.stages, report["stages"], lambda: left() - 20))
+    print(f"stages (ms) at T={a.stages}:", {k: (round(v, 3) if isinstance(v, float) else v)
+                                            for k, v in report["stages"].items()}, flush=True)
   for T in longs:
     report["timing"][T] = {"T": T}
 
     def run_long():
-      compile_all(T, "pallas_gpu")
-      for key in ("ours_fwd", "ours_fwdbwd"):
-        comp, args = compiled.pop((T, key))
-        report["timing"][T][key + "_ms"] = bench_jax(comp, args, reps=3, inner=5)
-        print(f"time {key} T={T}: {report['timing'][T][key + '_ms']:.3f} ms", flush=True)
+      compile_ab(T, ["v3"])
+      time_all()
     section(f"ours T={T}", 45, run_long)
   finalize(report, a.out, "complete")
 
