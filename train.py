@@ -1,7 +1,11 @@
 """Trains one InfiniteVL stage, or runs the embedded demo.
 
     python train.py --config configs/stage2_sft.yaml [key=value ...] [--profile-steps 10:15]
+    python train.py --config configs/stage2_sft.yaml mesh=2,-1,1      # a device mesh (default: all devices on fsdp)
     python train.py --config configs/demo.yaml
+
+Several hosts: the same command on each (SLURM / TPU pods are detected; else ``INFINITEVL_COORDINATOR``,
+``INFINITEVL_NUM_PROCESSES``, ``INFINITEVL_PROCESS_ID``); ``distributed.initialize()`` starts the runtime first.
 """
 
 import argparse
@@ -17,7 +21,12 @@ def main(argv=None) -> int:
     p.add_argument("--profile-steps", default=None, help="START:STOP, a jax.profiler trace window")
     p.add_argument("overrides", nargs="*", help="key=value overrides, e.g. optim.lr=1e-4")
     args = p.parse_args(argv)
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    from infinitevl_jax import distributed
+
+    if distributed.initialize() == "single":  # multi-process runtime when the environment asks for one
+        logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    else:
+        distributed.setup_logging()  # process 0 logs; the others only warnings
     try:
         cfg = tc.load(args.config, args.overrides)
     except tc.TrainConfigError as e:

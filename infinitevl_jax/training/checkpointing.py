@@ -9,6 +9,7 @@ from __future__ import annotations
 import os
 from typing import Any, Mapping
 
+import jax
 import numpy as np
 import orbax.checkpoint as ocp
 
@@ -52,13 +53,16 @@ def restore(mngr: ocp.CheckpointManager, step: int, abstract_state: dict) -> tup
 
 
 def load_params(directory: str, *, with_count: bool = False):
-    """The flat params of the latest checkpoint in a run directory, LoRA adapters (stage III) folded in; with
-    ``with_count`` also the number of adapters merged."""
-    mngr = ocp.CheckpointManager(os.path.abspath(directory), item_names=("state", "data"))
+    """The flat params (numpy) of the latest checkpoint in a run directory, LoRA adapters (stage III) folded in; with
+    ``with_count`` also the number of adapters merged. Checkpoints written on any mesh are read."""
+    mngr = ocp.CheckpointManager(os.path.abspath(directory), item_handlers={
+        "state": ocp.StandardCheckpointHandler(), "data": ocp.JsonCheckpointHandler()})
     step = mngr.latest_step()
     if step is None:
         raise FileNotFoundError(f"no checkpoint in {directory}")
-    out = mngr.restore(step, args=ocp.args.Composite(state=ocp.args.StandardRestore()))
+    # Host (numpy) targets: read whatever mesh or device count the run that wrote it had.
+    target = jax.tree.map(lambda m: np.empty(m.shape, m.dtype), mngr.item_metadata(step)["state"])
+    out = mngr.restore(step, args=ocp.args.Composite(state=ocp.args.StandardRestore(target)))
     mngr.close()
     state = out["state"]
     params = flatten(state["params"])

@@ -138,6 +138,9 @@ class TrainConfig:
     eval: EvalConfig = dataclasses.field(default_factory=EvalConfig)
     log: LogConfig = dataclasses.field(default_factory=LogConfig)
     compilation_cache: str | None = None
+    # Device mesh "data,fsdp,tensor" or "dcn,data,fsdp,tensor" (-1 fills; ``sharding.make_mesh``). Empty: no mesh on
+    # one device, every device on fsdp ("1,-1,1") on several.
+    mesh: str = ""
     peak_tflops: float = 989.0  # MFU denominator (H200 dense bf16 datasheet)
     demo: dict | None = None  # configs/demo*.yaml: the multi-stage demo (see training.demo)
 
@@ -156,9 +159,23 @@ class TrainConfig:
                 raise TrainConfigError(f"model.{name}: {getattr(self.model, name)!r} is not float32|bfloat16|float16")
         if self.data.kind not in ("json", "demo"):
             raise TrainConfigError(f"data.kind: {self.data.kind!r} is not json|demo")
+        if self.mesh:
+            check_mesh(self.mesh)
 
     def replace(self, **kw) -> "TrainConfig":
         return dataclasses.replace(self, **kw)
+
+
+def check_mesh(text: str) -> None:
+    """``mesh``: 3 or 4 comma-separated sizes >= 1, at most one of them -1 (the device count is checked at start)."""
+    parts = [p.strip() for p in text.split(",")]
+    try:
+        sizes = [int(p) for p in parts]
+    except ValueError:
+        sizes = []
+    if len(sizes) not in (3, 4) or any(s == 0 or s < -1 for s in sizes) or sizes.count(-1) > 1:
+        raise TrainConfigError(f"mesh: {text!r} is not 'data,fsdp,tensor' or 'dcn,data,fsdp,tensor' (sizes >= 1, "
+                               f"at most one -1 = the remaining devices), e.g. '1,-1,1'")
 
 
 # ---------------------------------------------------------------------------------------------------------------

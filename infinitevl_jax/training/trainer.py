@@ -4,10 +4,17 @@
 ``cfg.checkpoint.dir`` when there is one (params, optimizer state, step, RNG, data iterator state: the continuation is
 bit-identical to an uninterrupted run). On SIGTERM every host saves at the same step and ``run`` returns with
 ``preempted=True``.
+
+On a device mesh (``cfg.mesh``; by default every device on ``fsdp`` when there are several) parameters are created
+shard by shard under ``jax.jit`` with the layouts of ``sharding.LOGICAL_RULES`` (never whole on one device), the
+optimizer state and LoRA adapters take their parameters' layouts, each process feeds its rows of the global batch,
+and the steps run under ``jax.set_mesh`` (activation constraints, kernels under ``shard_map``). Checkpoints hold the
+sharded arrays and restore onto whatever mesh the resuming run uses.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
 import math
@@ -21,8 +28,9 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 from flax import nnx
+from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
-from infinitevl_jax import config as model_config, ops
+from infinitevl_jax import config as model_config, distributed, ops, sharding
 from infinitevl_jax.modeling.model import InfiniteVLForConditionalGeneration, prepare_inputs
 from infinitevl_jax.training import checkpointing, lora, params as P
 from infinitevl_jax.training.config import TrainConfig
@@ -47,13 +55,51 @@ def resolve_model_config(preset: str, text_overrides: dict, layer_types=()) -> m
     return mc
 
 
-def build(mc, cfg: TrainConfig, seed: int, *, abstract: bool = False):
+def train_mesh(cfg: TrainConfig) -> Mesh | None:
+    """The run's device mesh: ``cfg.mesh``; when empty, none on one device and every device on ``fsdp`` on several."""
+    text = cfg.mesh or ("1,-1,1" if jax.device_count() > 1 else "")
+    if not text:
+        return None
+    try:
+        return sharding.make_mesh(text)
+    except ValueError as e:
+        raise ValueError(f"mesh={text!r}: {e}") from None
+
+
+def flat_shardings(model: nnx.Module, tree: P.ParamTree, mesh: Mesh, mc) -> dict[str, NamedSharding]:
+    """``{name: NamedSharding}`` of a (possibly abstract) model's parameters, keyed and ordered like ``split_model``."""
+    _, params, _ = nnx.split(model, nnx.Param, ...)
+    return dict(zip(tree.names, tree.treedef.flatten_up_to(sharding.state_shardings(params, mesh, mc))))
+
+
+def build(mc, cfg: TrainConfig, seed: int, *, abstract: bool = False, mesh: Mesh | None = None):
+    """``(ParamTree, flat params)`` of a freshly initialised model. With a ``mesh`` the parameters are initialised
+    under ``jax.jit`` with ``out_shardings`` (each device computes only its shards) and ``abstract`` gives
+    ``jax.ShapeDtypeStruct``s carrying those shardings."""
     def make():
         return InfiniteVLForConditionalGeneration(mc, dtype=DTYPES[cfg.model.compute_dtype],
                                                   param_dtype=DTYPES[cfg.model.param_dtype],
                                                   remat_policy=cfg.model.remat, rngs=nnx.Rngs(seed))
-    model = nnx.eval_shape(make) if abstract else make()
-    return P.split_model(model)
+    if mesh is None:
+        model = nnx.eval_shape(make) if abstract else make()
+        return P.split_model(model)
+    model = nnx.eval_shape(make)
+    tree, flat = P.split_model(model)
+    shardings = flat_shardings(model, tree, mesh, mc)
+    if abstract:
+        return tree, {k: jax.ShapeDtypeStruct(v.shape, v.dtype, sharding=shardings[k]) for k, v in flat.items()}
+    with jax.set_mesh(mesh):
+        flat = jax.jit(lambda: P.split_model(make())[1], out_shardings=shardings)()
+    return tree, flat
+
+
+def place(value, target) -> jax.Array:
+    """A host array onto ``target``'s (a ``jax.ShapeDtypeStruct``) dtype and sharding; each device copies only its
+    shard, so this works across processes (each holding the same host value)."""
+    value = np.asarray(value, target.dtype)
+    if value.shape != tuple(target.shape):
+        raise ValueError(f"shape {value.shape} does not match {tuple(target.shape)}")
+    return jax.make_array_from_callback(value.shape, target.sharding, lambda index: value[index])
 
 
 def student_config(cfg: TrainConfig):
@@ -64,7 +110,26 @@ def teacher_config(cfg: TrainConfig):
     return resolve_model_config(cfg.teacher.preset, cfg.teacher.text_overrides)
 
 
-def initial_params(cfg: TrainConfig, mc, teacher: tuple | None) -> tuple[P.ParamTree, dict]:
+def initial_params(cfg: TrainConfig, mc, teacher: tuple | None, mesh: Mesh | None = None, *,
+                   abstract: bool = False) -> tuple[P.ParamTree, dict]:
+    """The student's starting parameters: fresh, ``init.params`` or built from the teacher. On a ``mesh`` they are
+    sharded (``abstract``: only their shapes and shardings, e.g. as the target of a checkpoint restore)."""
+    if mesh is not None:
+        tree, flat = build(mc, cfg, cfg.seed, mesh=mesh, abstract=abstract or bool(cfg.init.params))
+        if abstract:
+            return tree, flat
+        if cfg.init.params:
+            loaded = checkpointing.load_params(cfg.init.params)
+            missing = sorted(set(flat) - set(loaded))
+            if missing:
+                raise ValueError(f"init.params {cfg.init.params} lacks {len(missing)} parameters, e.g. {missing[0]}")
+            flat = {k: place(loaded[k], v) for k, v in flat.items()}
+        elif cfg.init.from_teacher:
+            if teacher is None:
+                raise ValueError("init.from_teacher needs teacher.params")
+            flat = jax.jit(lambda s, t: P.init_student_from_teacher(s, mc, t, teacher[2]),
+                           out_shardings={k: v.sharding for k, v in flat.items()})(flat, teacher[1])
+        return tree, flat
     tree, flat = build(mc, cfg, cfg.seed)
     if cfg.init.params:
         loaded = checkpointing.load_params(cfg.init.params)
@@ -79,21 +144,56 @@ def initial_params(cfg: TrainConfig, mc, teacher: tuple | None) -> tuple[P.Param
     return tree, flat
 
 
-def load_teacher(cfg: TrainConfig):
+def load_teacher(cfg: TrainConfig, mesh: Mesh | None = None):
     """``(tree, flat params, config)`` of the frozen teacher, or None when the stage and init need none."""
     if cfg.stage not in ("layerwise", "e2e") and not (cfg.init.from_teacher and not cfg.init.params):
         return None
     if not cfg.teacher.params:
         raise ValueError(f"stage {cfg.stage} needs teacher.params (an Orbax checkpoint directory)")
     tc = teacher_config(cfg)
-    tree, flat = build(tc, cfg, 0, abstract=True)
+    tree, flat = build(tc, cfg, 0, abstract=True, mesh=mesh)
     loaded = checkpointing.load_params(cfg.teacher.params)
+    if mesh is not None:
+        return tree, {k: place(loaded[k], v) for k, v in flat.items()}, tc
     flat = {k: jnp.asarray(loaded[k], DTYPES[cfg.model.param_dtype]) for k in flat}
     return tree, flat, tc
 
 
+def init_lora(cfg: TrainConfig, base: dict, key: jax.Array, mesh: Mesh | None = None, *,
+              abstract: bool = False) -> dict:
+    """LoRA adapters of ``base``; on a mesh ``a [..., in, r]`` takes its kernel's layout of ``in`` and
+    ``b [..., r, out]`` that of ``out`` (the rank is never split)."""
+    if mesh is None:
+        return lora.init(base, cfg.lora.targets, cfg.lora.rank, key)
+    shapes = {k: jax.ShapeDtypeStruct(v.shape, v.dtype) for k, v in base.items()}
+
+    def make(k):
+        return lora.init(shapes, cfg.lora.targets, cfg.lora.rank, k)
+
+    def layout(*entries):
+        while entries and entries[-1] is None:
+            entries = entries[:-1]
+        return NamedSharding(mesh, PartitionSpec(*entries))
+
+    key = np.asarray(key)
+    out = jax.eval_shape(make, key)
+    shardings = {}
+    for n in out:
+        spec = tuple(base[n].sharding.spec) + (None,) * (base[n].ndim - len(base[n].sharding.spec))
+        shardings[n] = {"a": layout(*spec[:-1], None), "b": layout(*spec[:-2], None, spec[-1])}
+    if abstract:
+        return jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s), out, shardings)
+    return jax.jit(make, out_shardings=shardings)(key)
+
+
 # ---------------------------------------------------------------------------------------------------------------- data
-def make_iterator(cfg: TrainConfig, mc, split: str = "train", micro_batch: int | None = None):
+ROW_KEYS = ("input_ids", "labels", "segment_ids", "position_ids")  # per-row arrays (position_ids: [3, B, T])
+
+
+def make_iterator(cfg: TrainConfig, mc, split: str = "train", micro_batch: int | None = None,
+                  mesh: Mesh | None = None):
+    """Host batches of ``micro_batch`` rows (default: the micro-batch of ``cfg``). The json source reads this
+    process's shard of the records; on a mesh with several processes it yields only this process's rows."""
     d = cfg.data
     bs = micro_batch or d.batch_size // cfg.optim.grad_accum
     if d.kind == "demo":
@@ -107,15 +207,21 @@ def make_iterator(cfg: TrainConfig, mc, split: str = "train", micro_batch: int |
         sources.append(SourceConfig(path, weight=float(w or 1.0)))
     if split != "train":
         raise ValueError("json data has no held-out split configured")
+    if mesh is not None and jax.process_count() > 1:
+        start, stop = distributed.process_batch_rows(bs, mesh)
+        if (stop - start) * jax.process_count() != bs:
+            raise ValueError(f"micro-batch of {bs} rows (data.batch_size / optim.grad_accum) is not split evenly over "
+                             f"the {jax.process_count()} processes by the batch axes of mesh {dict(mesh.shape)}")
+        bs = stop - start
     dc = DataConfig(sources=tuple(sources), batch_size=bs, seq_len=d.seq_len, seed=d.seed,
                     worker_count=d.worker_count, num_epochs=d.num_epochs, process_index=jax.process_index(),
                     process_count=jax.process_count())
     return make_data_iterator(dc, d.processor)
 
 
-def device_batch(mc, batch: dict) -> dict:
-    """A host batch (packing layout) -> the arrays ``model.forward`` takes, plus labels."""
-    out = {k: jnp.asarray(batch[k]) for k in ("input_ids", "labels", "segment_ids", "position_ids")}
+def host_batch(mc, batch: dict) -> dict:
+    """A host batch (packing layout) -> the numpy arrays ``model.forward`` takes, plus labels."""
+    out = {k: np.asarray(batch[k]) for k in ROW_KEYS}
     n_img = int(batch.get("num_images", 0))
     if n_img:
         pv = np.asarray(batch["pixel_values"])
@@ -123,12 +229,56 @@ def device_batch(mc, batch: dict) -> dict:
                                   position_ids=batch["position_ids"], image_grid_thw=batch["image_grid_thw"][:n_img],
                                   pixel_values=pv[: int(np.prod(batch["image_grid_thw"][:n_img], 1).sum())],
                                   pad_patches_to=pv.shape[0])
-        out["pixel_values"], out["image_layout"] = jnp.asarray(pv), prepared["image_layout"]
+        out["pixel_values"], out["image_layout"] = pv, prepared["image_layout"]
     return out
+
+
+def device_batch(mc, batch: dict) -> dict:
+    """``host_batch`` on the default device."""
+    return {k: v if k == "image_layout" else jnp.asarray(v) for k, v in host_batch(mc, batch).items()}
 
 
 def stack_micro(batches: list[dict]) -> dict:
     return jax.tree.map(lambda *xs: jnp.stack(xs), *batches)
+
+
+def process_rows(batch: dict, mesh: Mesh, rows: int) -> dict:
+    """This process's rows of a whole host batch of ``rows`` rows (unchanged in a single process or when ``batch``
+    already holds only this process's rows)."""
+    if jax.process_count() == 1 or np.shape(batch["input_ids"])[0] != rows:
+        return batch
+    start, stop = distributed.process_batch_rows(rows, mesh)
+    return {k: (v[:, start:stop] if k == "position_ids" else v[start:stop]) if k in ROW_KEYS else v
+            for k, v in batch.items()}
+
+
+def mesh_batch(arrays: dict, mesh: Mesh, rows: int, *, stacked: bool) -> dict:
+    """Host arrays holding this process's rows -> global arrays of ``rows`` rows sharded over the batch mesh axes
+    (``stacked``: behind a leading micro-batch axis). Image inputs (not per row) are replicated."""
+    lead = 1 if stacked else 0
+    out = {}
+    for key, value in arrays.items():
+        if key not in ROW_KEYS:
+            if jax.process_count() > 1:
+                raise NotImplementedError(f"{key}: image batches are not supported on a multi-process mesh")
+            out[key] = jax.tree.map(lambda x: jax.device_put(x, NamedSharding(mesh, PartitionSpec())), value)
+            continue
+        value = np.asarray(value)
+        shape = list(value.shape)
+        shape[lead + (key == "position_ids")] = rows
+        spec = distributed.batch_sharding(mesh, key, shape[lead:]).spec
+        target = NamedSharding(mesh, PartitionSpec(*(None,) * lead, *spec))
+        out[key] = jax.make_array_from_process_local_data(target, value, tuple(shape))
+    return out
+
+
+def feed(mc, hosts: list[dict], mesh: Mesh | None, rows: int) -> dict:
+    """``grad_accum`` host micro-batches of ``rows`` rows -> the train step's ``[accum, B, ...]`` arrays: on the
+    default device, or on a mesh global arrays sharded over the batch axes, each process giving its own rows."""
+    if mesh is None:
+        return stack_micro([device_batch(mc, b) for b in hosts])
+    local = [host_batch(mc, process_rows(b, mesh, rows)) for b in hosts]
+    return mesh_batch(jax.tree.map(lambda *xs: np.stack(xs), *local), mesh, rows, stacked=True)
 
 
 # ---------------------------------------------------------------------------------------------------------------- optimizer
@@ -145,12 +295,46 @@ def optimizer(cfg: TrainConfig, trainable: dict) -> optax.GradientTransformation
                        optax.adamw(schedule(o), b1=o.b1, b2=o.b2, eps=o.eps, weight_decay=o.weight_decay, mask=mask))
 
 
-# ---------------------------------------------------------------------------------------------------------------- steps
-class StepFns:
-    """The jitted train and eval steps of one stage."""
+def init_opt_state(tx: optax.GradientTransformation, trainable: dict, mesh: Mesh | None = None, *,
+                   abstract: bool = False):
+    """``tx.init(trainable)``; on a mesh under ``jax.jit`` with each state leaf mirroring a parameter sharded like it
+    (scalars such as the step count replicated)."""
+    if mesh is None:
+        return tx.init(trainable)
+    shapes = jax.eval_shape(tx.init, trainable)
+    shardings = optax.tree_map_params(tx, lambda _, s: s, shapes, jax.tree.map(lambda x: x.sharding, trainable),
+                                      transform_non_params=lambda _: NamedSharding(mesh, PartitionSpec()))
+    if abstract:
+        return jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s), shapes, shardings)
+    return jax.jit(tx.init, out_shardings=shardings)(trainable)
 
-    def __init__(self, cfg: TrainConfig, tree: P.ParamTree, teacher, tx):
-        self.cfg, self.tree, self.tx = cfg, tree, tx
+
+# ---------------------------------------------------------------------------------------------------------------- steps
+class _OnMesh:
+    """A jitted function traced and run under ``jax.set_mesh(mesh)``."""
+
+    def __init__(self, fn, mesh: Mesh):
+        self.fn, self.mesh = fn, mesh
+
+    def __call__(self, *args):
+        with jax.set_mesh(self.mesh):
+            return self.fn(*args)
+
+    def lower(self, *args):
+        with jax.set_mesh(self.mesh):
+            return self.fn.lower(*args)
+
+
+class StepFns:
+    """The jitted train and eval steps of one stage.
+
+    On a ``mesh`` they run under ``jax.set_mesh`` and the train step returns the trainable parameters and the
+    optimizer state with the shardings they came in with (``jax.jit`` ``out_shardings``), step after step.
+    """
+
+    def __init__(self, cfg: TrainConfig, tree: P.ParamTree, teacher, tx, *, mesh: Mesh | None = None,
+                 trainable=None, opt_state=None):
+        self.cfg, self.tree, self.tx, self.mesh = cfg, tree, tx, mesh
         loss = STAGE_LOSSES[cfg.stage]
         t_tree = teacher[0] if teacher and cfg.stage in ("layerwise", "e2e") else None  # else only used for init
         is_lora = cfg.stage == "lora"
@@ -194,8 +378,16 @@ class StepFns:
             return traced
 
         self.loss_fn = kernels(loss_fn)
-        self.train_step = jax.jit(kernels(train_step), donate_argnums=(0, 1))
-        self.eval_step = jax.jit(kernels(eval_step))
+        if mesh is None:
+            self.train_step = jax.jit(kernels(train_step), donate_argnums=(0, 1))
+            self.eval_step = jax.jit(kernels(eval_step))
+        else:
+            if trainable is None or opt_state is None:
+                raise ValueError("StepFns on a mesh needs the (abstract) trainable params and optimizer state")
+            layout = lambda tree: jax.tree.map(lambda x: x.sharding, tree)  # noqa: E731
+            out = (layout(trainable), layout(opt_state), NamedSharding(mesh, PartitionSpec()))
+            self.train_step = _OnMesh(jax.jit(kernels(train_step), donate_argnums=(0, 1), out_shardings=out), mesh)
+            self.eval_step = _OnMesh(jax.jit(kernels(eval_step)), mesh)
 
 
 def exact_match(correct: np.ndarray, labels: np.ndarray, segment_ids: np.ndarray) -> tuple[int, int]:
@@ -215,14 +407,27 @@ def exact_match(correct: np.ndarray, labels: np.ndarray, segment_ids: np.ndarray
     return right, total
 
 
+def to_host(x: jax.Array) -> np.ndarray:
+    """The whole value of a (possibly multi-process) array on every process."""
+    if x.is_fully_addressable:
+        return np.asarray(x)
+    from jax.experimental import multihost_utils
+    return np.asarray(multihost_utils.process_allgather(x, tiled=True))
+
+
 def evaluate(cfg: TrainConfig, mc, fns: StepFns, trainable, frozen, split: str, batches: int) -> dict:
-    it = make_iterator(cfg, mc, split=split, micro_batch=cfg.data.batch_size // cfg.optim.grad_accum)
+    rows = cfg.data.batch_size // cfg.optim.grad_accum
+    it = make_iterator(cfg, mc, split=split, micro_batch=rows)
     loss = count = right = total = 0
     for _ in range(batches):
         hb = next(it)
-        t, c, corr = fns.eval_step(trainable, frozen, device_batch(mc, hb))
+        if fns.mesh is None:
+            batch = device_batch(mc, hb)
+        else:
+            batch = mesh_batch(host_batch(mc, process_rows(hb, fns.mesh, rows)), fns.mesh, rows, stacked=False)
+        t, c, corr = fns.eval_step(trainable, frozen, batch)
         loss, count = loss + float(t), count + int(c)
-        r, n = exact_match(np.asarray(corr), hb["labels"], hb["segment_ids"])
+        r, n = exact_match(to_host(corr), hb["labels"], hb["segment_ids"])
         right, total = right + r, total + n
     return {"loss": loss / max(count, 1), "exact_match": right / max(total, 1), "questions": total}
 
@@ -308,28 +513,54 @@ def setup_compilation_cache(path: str | None) -> None:
         jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.5)
 
 
-def run(cfg: TrainConfig, *, profile_steps: tuple[int, int] | None = None,
-        on_step: Callable[[int, dict], None] | None = None) -> dict[str, Any]:
-    setup_compilation_cache(cfg.compilation_cache)
+@dataclasses.dataclass
+class Prepared:
+    """What one stage trains: models, parameters (split into trainable and frozen), optimizer and step functions."""
+
+    mc: Any
+    mesh: Mesh | None
+    tree: P.ParamTree
+    flat: dict  # the starting parameters
+    trainable: Any
+    frozen: dict
+    tx: optax.GradientTransformation
+    opt_state: Any
+    fns: StepFns
+    teacher: tuple | None
+    t_params: dict | None
+    key: jax.Array
+
+
+def prepare(cfg: TrainConfig, mesh: Mesh | None = None, *, abstract: bool = False) -> Prepared:
+    """Builds a stage. On a ``mesh`` every array is sharded; ``abstract`` (mesh only) gives the parameters and
+    optimizer state as ``jax.ShapeDtypeStruct``s with their shardings, the target of a checkpoint restore (nothing
+    is initialised)."""
+    abstract = abstract and mesh is not None
     mc = student_config(cfg)
-    teacher = load_teacher(cfg)
-    tree, flat = initial_params(cfg, mc, teacher)
+    teacher = load_teacher(cfg, mesh) if not abstract or cfg.stage in ("layerwise", "e2e") else None
+    tree, flat = initial_params(cfg, mc, teacher, mesh, abstract=abstract)
     key = jax.random.PRNGKey(cfg.seed)
     if cfg.stage == "lora":
         frozen = flat
-        trainable = lora.init(flat, cfg.lora.targets, cfg.lora.rank, jax.random.fold_in(key, 1))
+        trainable = init_lora(cfg, flat, jax.random.fold_in(key, 1), mesh, abstract=abstract)
     else:
         P.check_patterns(flat, cfg.trainable, "trainable")
         trainable, frozen = P.partition(flat, cfg.trainable)
     tx = optimizer(cfg, trainable)
-    opt_state = tx.init(trainable)  # frozen parameters carry no optimizer state
-    n_trainable = P.count_tree(trainable)
-    logger.info("stage %s: %d trainable / %d parameters", cfg.stage, n_trainable, P.count(flat))
-    fns = StepFns(cfg, tree, teacher, tx)
+    opt_state = init_opt_state(tx, trainable, mesh, abstract=abstract)  # frozen parameters carry no optimizer state
+    fns = StepFns(cfg, tree, teacher, tx, mesh=mesh, trainable=trainable, opt_state=opt_state)
     t_params = teacher[1] if teacher and cfg.stage in ("layerwise", "e2e") else None
-    it = make_iterator(cfg, mc)
+    return Prepared(mc, mesh, tree, flat, trainable, frozen, tx, opt_state, fns, teacher, t_params, key)
 
-    mngr, step = None, 0
+
+def run(cfg: TrainConfig, *, profile_steps: tuple[int, int] | None = None,
+        on_step: Callable[[int, dict], None] | None = None) -> dict[str, Any]:
+    setup_compilation_cache(cfg.compilation_cache)
+    mesh = train_mesh(cfg)
+    if mesh is not None:
+        logger.info("mesh %s over %d devices", dict(mesh.shape), mesh.size)
+    mc = student_config(cfg)
+    mngr, step, latest = None, 0, None
     if cfg.checkpoint.dir:
         if jax.process_index() == 0:  # what ``infinitevl merge-lora`` needs to rebuild the model
             os.makedirs(cfg.checkpoint.dir, exist_ok=True)
@@ -337,12 +568,22 @@ def run(cfg: TrainConfig, *, profile_steps: tuple[int, int] | None = None,
                 json.dump(mc.to_dict(), f, indent=1)
         mngr = checkpointing.manager(cfg.checkpoint.dir, keep=cfg.checkpoint.keep, use_async=cfg.checkpoint.use_async)
         latest = mngr.latest_step()
-        if latest is not None:
-            abstract = _state(frozen, trainable, opt_state, 0, key, cfg)
-            restored, data_state = checkpointing.restore(mngr, latest, jax.tree.map(np.asarray, abstract))
-            trainable, opt_state, frozen, step, key = _unstate(restored, trainable, opt_state, frozen, cfg)
-            it.set_state(data_state)
-            logger.info("resumed from step %d", step)
+    s = prepare(cfg, mesh, abstract=latest is not None)
+    tree, flat, trainable, frozen, opt_state, fns, t_params, key = (s.tree, s.flat, s.trainable, s.frozen, s.opt_state,
+                                                                    s.fns, s.t_params, s.key)
+    n_trainable = P.count_tree(trainable)
+    logger.info("stage %s: %d trainable / %d parameters", cfg.stage, n_trainable, P.count(flat))
+    it = make_iterator(cfg, mc, mesh=mesh)
+    rows = cfg.data.batch_size // cfg.optim.grad_accum
+    if latest is not None:
+        abstract = _state(frozen, trainable, opt_state, 0, key, cfg)
+        target = jax.tree.map(np.asarray if mesh is None else _restore_target, abstract)
+        restored, data_state = checkpointing.restore(mngr, latest, target)
+        trainable, opt_state, frozen, step, key = _unstate(restored, trainable, opt_state, frozen, cfg, mesh)
+        it.set_state(data_state)
+        logger.info("resumed from step %d", step)
+    # tokens per step: the host batches hold every row, except json batches on a multi-process mesh (this process's)
+    tok_scale = jax.process_count() if mesh is not None and cfg.data.kind == "json" else 1
 
     fpt = flops_per_token(flat, n_trainable, mc, 1 if t_params is not None else 0)
     metrics = Metrics(cfg, cfg.optim.steps, step)
@@ -354,10 +595,10 @@ def run(cfg: TrainConfig, *, profile_steps: tuple[int, int] | None = None,
             if profile_steps and step == profile_steps[0]:
                 jax.profiler.start_trace(os.path.join(metrics.dir or ".", "profile"))
             host = [next(it) for _ in range(cfg.optim.grad_accum)]
-            batches = stack_micro([device_batch(mc, b) for b in host])
+            batches = feed(mc, host, mesh, rows)
             trainable, opt_state, out = fns.train_step(trainable, opt_state, frozen, t_params, batches)
             step += 1
-            tok_acc += int(sum(int((b["segment_ids"] > 0).sum()) for b in host))
+            tok_acc += tok_scale * int(sum(int((b["segment_ids"] > 0).sum()) for b in host))
             loss = float(out["loss"])
             result["losses"][step] = loss
             if profile_steps and step == profile_steps[1]:
@@ -387,8 +628,8 @@ def run(cfg: TrainConfig, *, profile_steps: tuple[int, int] | None = None,
         mngr.wait_until_finished()
         mngr.close()
     metrics.close()
-    result.update(step=step, preempted=preempted, tree=tree, trainable=trainable, frozen=frozen, fns=fns,
-                  model_config=mc, effective=(lora.merge(frozen, trainable, cfg.lora.rank, cfg.lora.alpha)
+    result.update(step=step, preempted=preempted, tree=tree, trainable=trainable, frozen=frozen, opt_state=opt_state,
+                  fns=fns, model_config=mc, effective=(lora.merge(frozen, trainable, cfg.lora.rank, cfg.lora.alpha)
                                               if cfg.stage == "lora" else {**frozen, **trainable}))
     return result
 
@@ -400,18 +641,27 @@ def _state(frozen, trainable, opt_state, step, key, cfg) -> dict:
                                  "lora_meta": {"rank": np.int32(cfg.lora.rank), "alpha": np.float32(cfg.lora.alpha)}}
     else:
         params, extra = {**frozen, **trainable}, {}
+    rng = jax.random.key_data(key) if jnp.issubdtype(key.dtype, jax.dtypes.prng_key) else key
     return {"params": checkpointing.nest(params), "opt_state": opt_state, "step": np.int64(step),
-            "rng": jax.random.key_data(key) if jnp.issubdtype(key.dtype, jax.dtypes.prng_key) else key, **extra}
+            "rng": np.asarray(rng), **extra}
 
 
-def _unstate(restored, trainable, opt_state, frozen, cfg):
+def _restore_target(x):
+    """Restore target of one leaf on a mesh: arrays are read straight into their shardings; host values stay host."""
+    if isinstance(x, (np.ndarray, np.generic)):
+        return np.asarray(x)
+    return jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=x.sharding)
+
+
+def _unstate(restored, trainable, opt_state, frozen, cfg, mesh=None):
     params = checkpointing.flatten(restored["params"])
+    arr = jnp.asarray if mesh is None else (lambda x: x)  # on a mesh the restored arrays are already placed
     if cfg.stage == "lora":
-        frozen = {k: jnp.asarray(params[k]) for k in frozen}
+        frozen = {k: arr(params[k]) for k in frozen}
         trainable = checkpointing._adapters(restored["lora"])
-        trainable = {n: {k: jnp.asarray(v) for k, v in ab.items()} for n, ab in trainable.items()}
+        trainable = {n: {k: arr(v) for k, v in ab.items()} for n, ab in trainable.items()}
     else:
-        frozen = {k: jnp.asarray(params[k]) for k in frozen}
-        trainable = {k: jnp.asarray(params[k]) for k in trainable}
-    opt_state = jax.tree.map(jnp.asarray, restored["opt_state"])
+        frozen = {k: arr(params[k]) for k in frozen}
+        trainable = {k: arr(params[k]) for k in trainable}
+    opt_state = jax.tree.map(arr, restored["opt_state"])
     return trainable, opt_state, frozen, int(restored["step"]), jnp.asarray(restored["rng"])
