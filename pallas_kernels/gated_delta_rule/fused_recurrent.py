@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
-from .naive import naive_recurrent_gated_delta_rule
+import jax.numpy as jnp
+
+from .naive import l2norm, naive_recurrent_gated_delta_rule
 
 
 def fused_recurrent_gated_delta_rule(q, k, v, g, beta, *, scale=None, initial_state=None,
@@ -14,11 +16,50 @@ def fused_recurrent_gated_delta_rule(q, k, v, g, beta, *, scale=None, initial_st
   v [B, T, H, V], g, beta [B, T, H], initial_state [B, H, K, V] float32, segment_ids [B, T]; returns
   (o [B, T, H, V] in v.dtype, final_state [B, H, K, V] float32 or None).
 
-  One step reads and writes the [K, V] float32 state once, so decode is bound by the state's bytes; XLA fuses
-  the step into a few kernels, so every backend currently runs the same `lax.scan` (backend is accepted for
-  signature parity with the chunked function). Differentiable by JAX autodiff.
+  T = 1 (decode) is `decode_step`: two passes over the [K, V] float32 state instead of one per operation of the
+  recurrence. Longer inputs run the float32 `lax.scan` of the oracle. Every backend takes these XLA paths (backend
+  is accepted for signature parity with the chunked function). Differentiable by JAX autodiff.
   """
   del backend
+  if q.shape[1] == 1:
+    # One token: no segment reset can happen (a reset needs a previous token in the input).
+    return decode_step(q, k, v, g, beta, scale=scale, initial_state=initial_state,
+                       output_final_state=output_final_state, use_qk_l2norm=use_qk_l2norm)
   return naive_recurrent_gated_delta_rule(q, k, v, g, beta, scale=scale, initial_state=initial_state,
                                           output_final_state=output_final_state, use_qk_l2norm=use_qk_l2norm,
                                           segment_ids=segment_ids)
+
+
+def decode_step(q, k, v, g, beta, *, scale=None, initial_state=None, output_final_state=False,
+                use_qk_l2norm=True):
+  """One token (T = 1) of the gated delta rule, reading the state twice and writing it once.
+
+  Per head, with S the [K, V] state and a = exp(g), the recurrence S1 = a S; v' = beta (v - S1^T k);
+  S2 = S1 + k v'^T; o = S2^T q is rewritten around the two matvecs of the old state, kS = S^T k and qS = S^T q,
+  computed together (one read of S):
+    v' = beta (v - a kS),   o = a qS + (q . k) v',   S2 = a S + k v'^T   (one elementwise pass: read S, write S2).
+  q and k are L2-normalised and q scaled exactly as in the token recurrence; float32 throughout.
+  """
+  B, T, H, K = q.shape
+  if T != 1:
+    raise ValueError(f"decode_step takes one token, got T = {T}")
+  scale = K ** -0.5 if scale is None else scale
+  f32 = jnp.float32
+  q, k = (l2norm(q), l2norm(k)) if use_qk_l2norm else (q.astype(f32), k.astype(f32))
+  q = q[:, 0] * scale  # [B, H, K]
+  k = k[:, 0]
+  vt = v[:, 0].astype(f32)  # [B, H, V]
+  a = jnp.exp(g[:, 0].astype(f32))[..., None]  # [B, H, 1]
+  bt = beta[:, 0].astype(f32)[..., None]
+  if initial_state is None:
+    vn = bt * vt
+    s = k[..., :, None] * vn[..., None, :]
+    o = jnp.sum(q * k, axis=-1, keepdims=True) * vn
+  else:
+    s0 = initial_state.astype(f32)
+    kq = jnp.stack([k, q], axis=2)  # [B, H, 2, K]: both matvecs in one pass over the state
+    ks, qs = jnp.moveaxis(jnp.einsum("bhik,bhkv->bhiv", kq, s0, precision="highest"), 2, 0)
+    vn = bt * (vt - a * ks)
+    o = a * qs + jnp.sum(q * k, axis=-1, keepdims=True) * vn
+    s = a[..., None] * s0 + k[..., :, None] * vn[..., None, :]
+  return o[:, None].astype(v.dtype), (s if output_final_state else None)

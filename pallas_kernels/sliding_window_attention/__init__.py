@@ -2,8 +2,10 @@
 
 from pallas_kernels.sliding_window_attention.attention import (
     BACKENDS,
+    PALLAS_CACHE_MIN_CHUNK,
     attend_to_cache,
     choose_backend,
+    choose_cache_backend,
     ring_buffer_write,
     sliding_window_attention,
 )
@@ -18,11 +20,13 @@ from pallas_kernels.sliding_window_attention.reference import (
 
 __all__ = [
     "BACKENDS",
+    "PALLAS_CACHE_MIN_CHUNK",
     "attend_to_cache",
     "attend_to_cache_reference",
     "attention_blockwise",
     "attention_reference",
     "choose_backend",
+    "choose_cache_backend",
     "init_ring_buffer",
     "ring_buffer_write",
     "sliding_window_attention",

@@ -79,19 +79,32 @@ def sliding_window_attention(q, k, v, *, window, segment_ids=None, scale=None, b
   raise ValueError(f"unknown backend {backend!r}; expected one of {BACKENDS}")
 
 
+# ``attend_to_cache``'s "auto": chunks of at least this many queries (prefill) go to the Pallas kernel on sm80+ GPUs;
+# shorter ones, decode included, to XLA's fused masked softmax, which beat the kernel at decode on an H100 (0.128 vs
+# 0.316 ms at C=1, L=8191: the kernel has only B*Hkv programs there and would need a split over the cache first).
+PALLAS_CACHE_MIN_CHUNK = 64
+
+
+def choose_cache_backend(chunk: int) -> str:
+  """The backend ``attend_to_cache``'s ``"auto"`` resolves to for ``chunk`` queries per row on the default device."""
+  if (chunk >= PALLAS_CACHE_MIN_CHUNK and _platform() in ("gpu", "cuda")
+      and _gpu_capability() >= (8, 0)):
+    return "pallas_gpu"
+  return "xla"  # also the TPU path: a chunk against <= window keys is one fused op
+
+
 def attend_to_cache(q, k, v, cache_k, cache_v, cache_positions, q_positions, *, window,
                     scale=None, backend="auto"):
   """Attention of a chunk ``q [B,C,Hq,D]`` (keys ``k, v [B,C,Hkv,D]``) against a ring-buffer
   cache ``cache_k, cache_v [B,L,Hkv,D]`` with slot positions ``cache_positions [B,L]`` (-1 empty)
-  and query positions ``q_positions [B,C]`` (-1 padding). See ``cache.py`` for the rule."""
+  and query positions ``q_positions [B,C]`` (-1 padding). See ``cache.py`` for the rule.
+  ``backend``: ``"auto"`` (``choose_cache_backend``), ``"xla"`` or ``"pallas_gpu"``."""
   if backend == "auto":
-    # XLA's fused masked softmax beat our Pallas kernel at decode on an H100 (0.13 vs 0.32 ms,
-    # C=1, L=8191): the kernel has only B*Hkv programs and needs a split over the cache first.
-    backend = "xla"
+    backend = choose_cache_backend(q.shape[1])
   if backend == "pallas_gpu":
     return _cache.attend_to_cache_pallas(q, k, v, cache_k, cache_v, cache_positions, q_positions,
                                          window=window, scale=scale)
-  if backend == "xla":  # also the TPU path: a chunk against <= window keys is one fused op
+  if backend == "xla":
     return _cache.attend_to_cache_reference(q, k, v, cache_k, cache_v, cache_positions,
                                             q_positions, window=window, scale=scale)
   raise ValueError(f"unknown attend_to_cache backend {backend!r}; expected auto, xla, pallas_gpu")

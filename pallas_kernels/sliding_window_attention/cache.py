@@ -75,8 +75,8 @@ def init_ring_buffer(batch, length, kv_heads, head_dim, dtype=jnp.bfloat16):
 _NEG = -1e30
 
 
-def _cache_kernel(q_ref, qp_ref, ck_ref, cv_ref, cp_ref, k_ref, v_ref, kp_ref, o_ref, *,
-                  qk_scale, window, bq, bk, length, chunk):
+def _cache_kernel(q_ref, qp_ref, bounds_ref, ck_ref, cv_ref, cp_ref, k_ref, v_ref, kp_ref, o_ref, *,
+                  qk_scale, window, bq, bk, length):
   q = q_ref[...]
   qpos = qp_ref[...][:, None]
   d = q.shape[-1]
@@ -112,20 +112,68 @@ def _cache_kernel(q_ref, qp_ref, ck_ref, cv_ref, cp_ref, k_ref, v_ref, kp_ref, o
 
   carry = (jnp.zeros((bq, d), jnp.float32), jnp.full((bq,), _NEG, jnp.float32),
            jnp.zeros((bq,), jnp.float32))
-  carry = lax.fori_loop(0, pl.cdiv(length, bk), cache_body, carry)
-  acc, _, l_i = lax.fori_loop(0, chunk // bk, chunk_body, carry)
+  # only the key blocks that some query of this row block may see (``_key_block_bounds``)
+  carry = lax.fori_loop(bounds_ref[0], bounds_ref[1], cache_body, carry)
+  acc, _, l_i = lax.fori_loop(bounds_ref[2], bounds_ref[3], chunk_body, carry)
   o_ref[...] = (acc / jnp.where(l_i == 0.0, 1.0, l_i)[:, None]).astype(o_ref.dtype)
 
 
+def _key_block_bounds(rpos, cpos, kpos, *, window, block_q, block_k):
+  """``[B, row blocks, 4]`` int32: per block of query rows, the ranges ``[lo, hi)`` of cache key blocks and of chunk
+  key blocks holding every key some query of the row block can see (from the positions: bounds on the row block's
+  real query positions; blocks inside a range that are invisible are still masked). Prefill skips the chunk's
+  future and, when the visible slots of the ring do not wrap around its end, the slots that left the window."""
+  b = rpos.shape[0]
+  rq = rpos.reshape(b, -1, block_q)
+  valid = rq >= 0
+  q_hi = jnp.max(jnp.where(valid, rq, -1), axis=-1)[..., None]  # [B, nrb, 1]
+  q_lo = jnp.min(jnp.where(valid, rq, jnp.iinfo(jnp.int32).max), axis=-1)[..., None]
+
+  def block_range(pos, strict):
+    pos = pos[:, None, :]  # [B, 1, n]
+    live = (pos >= 0) & ((pos < q_hi) if strict else (pos <= q_hi))
+    if window is not None:
+      live &= pos > q_lo - window
+    idx = jnp.arange(pos.shape[-1], dtype=jnp.int32)
+    hi = jnp.max(jnp.where(live, idx, -1), axis=-1) // block_k + 1  # 0 when nothing is live
+    lo = jnp.minimum(jnp.min(jnp.where(live, idx, pos.shape[-1]), axis=-1) // block_k, hi)
+    return lo, hi
+
+  c_lo, c_hi = block_range(cpos, strict=True)
+  k_lo, k_hi = block_range(kpos, strict=False)
+  return jnp.stack([c_lo, c_hi, k_lo, k_hi], axis=-1).astype(jnp.int32)
+
+
+# Launch parameters of ``attend_to_cache_pallas`` by chunk length: decode-sized chunks keep the small row blocks the
+# kernel was first measured with; prefill chunks (``rows = chunk x Hq/Hkv`` in the thousands) take flash-attention-
+# sized tiles, so each K/V block read from the cache serves 128 query rows.
+SMALL_CHUNK_CONFIG = dict(block_q=16, block_k=64, num_warps=4, num_stages=2)
+PREFILL_CONFIG = dict(block_q=128, block_k=64, num_warps=8, num_stages=3)
+PREFILL_MIN_ROWS = 256  # chunk x Hq/Hkv from which PREFILL_CONFIG is used
+
+
+def launch_config(chunk: int, group: int) -> dict:
+  """``attend_to_cache_pallas``'s default block sizes and launch parameters for ``chunk`` queries per row, ``group``
+  query heads per kv head."""
+  return dict(PREFILL_CONFIG if chunk * group >= PREFILL_MIN_ROWS else SMALL_CHUNK_CONFIG)
+
+
 def attend_to_cache_pallas(q, k, v, cache_k, cache_v, cache_positions, q_positions, *, window,
-                           scale=None, block_q=16, block_k=64, num_warps=4, num_stages=2,
+                           scale=None, block_q=None, block_k=None, num_warps=None, num_stages=None,
                            interpret=False):
   """Pallas (Triton) kernel for ``attend_to_cache``: one program per (batch, kv head, block of
   query rows), where the rows are the chunk's queries times the ``Hq // Hkv`` heads sharing
-  the kv head, so the cache is read once per kv head (decode is bound by that read)."""
+  the kv head, so the cache is read once per kv head (decode is bound by that read). Each program
+  walks only the key blocks its queries may see (``_key_block_bounds``). Launch parameters left
+  None come from ``launch_config`` (by chunk length)."""
   b, c, hq, d = q.shape
   hkv = k.shape[2]
   g = hq // hkv
+  cfg = launch_config(c, g)
+  block_q = cfg["block_q"] if block_q is None else block_q
+  block_k = cfg["block_k"] if block_k is None else block_k
+  num_warps = cfg["num_warps"] if num_warps is None else num_warps
+  num_stages = cfg["num_stages"] if num_stages is None else num_stages
   length = cache_k.shape[1]
   scale = d ** -0.5 if scale is None else scale
   # rows r = (chunk index, head in group): [B, Hkv, C*G, D]
@@ -146,15 +194,17 @@ def attend_to_cache_pallas(q, k, v, cache_k, cache_v, cache_positions, q_positio
     cache_v = jnp.pad(cache_v, ((0, 0), (0, extra), (0, 0), (0, 0)))
     cpos = jnp.pad(cpos, ((0, 0), (0, extra)), constant_values=-1)
     length = block_k
+  bounds = _key_block_bounds(rpos, cpos, kpos, window=window, block_q=block_q, block_k=block_k)
   kv_spec = lambda n: pl.BlockSpec((None, n, None, d), lambda bh, i: (bh // hkv, 0, bh % hkv, 0))
   pos_spec = lambda n: pl.BlockSpec((None, n), lambda bh, i: (bh // hkv, 0))
   row_spec = pl.BlockSpec((None, None, block_q, d), lambda bh, i: (bh // hkv, bh % hkv, i, 0))
   kernel = functools.partial(_cache_kernel, qk_scale=scale * math.log2(math.e), window=window,
-                             bq=block_q, bk=block_k, length=length, chunk=cp)
+                             bq=block_q, bk=block_k, length=length)
   o = pl.pallas_call(
       kernel,
       grid=(b * hkv, rp // block_q),
       in_specs=[row_spec, pl.BlockSpec((None, block_q), lambda bh, i: (bh // hkv, i)),
+                pl.BlockSpec((None, None, 4), lambda bh, i: (bh // hkv, i, 0)),
                 kv_spec(length), kv_spec(length), pos_spec(length),
                 kv_spec(cp), kv_spec(cp), pos_spec(cp)],
       out_specs=row_spec,
@@ -162,7 +212,7 @@ def attend_to_cache_pallas(q, k, v, cache_k, cache_v, cache_positions, q_positio
       compiler_params=plgpu.CompilerParams(num_warps=num_warps, num_stages=num_stages),
       interpret=interpret,
       name="swa_attend_to_cache",
-  )(rows, rpos, cache_k, cache_v.astype(cache_k.dtype), cpos, k.astype(cache_k.dtype),
+  )(rows, rpos, bounds, cache_k, cache_v.astype(cache_k.dtype), cpos, k.astype(cache_k.dtype),
     v.astype(cache_k.dtype), kpos)
   o = o[:, :, :r].reshape(b, hkv, c, g, d)
   return jnp.transpose(o, (0, 2, 1, 3, 4)).reshape(b, c, hq, d)
