@@ -7,21 +7,27 @@ from typing import Callable, Sequence
 
 import numpy as np
 
+from infinitevl_jax.inference import engine
 from infinitevl_jax.inference.generate import generate
 from infinitevl_jax.inference.streaming import StreamingSession
 
 
 class InfiniteVL:
+    """``model``: an ``InfiniteVLForConditionalGeneration`` (prepared here: its decoder blocks are copied into per-block
+    arrays, the stacked ones are not kept) or an ``engine.InferenceModel``; ``self.model`` is the prepared one."""
+
     def __init__(self, model, processor):
-        self.model, self.processor = model, processor
+        self.model, self.processor = engine.prepare(model), processor
 
     @classmethod
     def from_pretrained(cls, path: str | os.PathLike, *, dtype=None, mesh=None, **processor_options) -> "InfiniteVL":
-        """A converted checkpoint directory (``infinitevl convert``) holding the tokenizer/processor files too."""
+        """A converted checkpoint directory (``infinitevl convert``) holding the tokenizer/processor files too. The
+        restored model is converted in place (``consume=True``): memory holds the weights once."""
         from infinitevl_jax import checkpoint
         from infinitevl_jax.processing import Processor
 
-        return cls(checkpoint.load(path, mesh, dtype=dtype), Processor.from_pretrained(path, **processor_options))
+        model = engine.prepare(checkpoint.load(path, mesh, dtype=dtype), consume=True)
+        return cls(model, Processor.from_pretrained(path, **processor_options))
 
     def encode(self, prompt: str, images: Sequence = (), videos: Sequence = (), video_fps=None) -> dict:
         """One user turn (images, then videos, then the text) with the generation prompt appended."""

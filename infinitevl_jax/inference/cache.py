@@ -1,4 +1,5 @@
-"""Inference caches, stacked like the layer blocks so they flow through the stack's ``nnx.scan``.
+"""Inference caches: one per decoder layer, each layer's arrays its own buffers (donated to, and updated in place
+by, every step).
 
 Per layer kind (REFERENCE section 8):
 - sliding-window attention: a ring buffer of the last ``window - 1`` keys/values (``AttentionCache``);
@@ -7,12 +8,14 @@ Per layer kind (REFERENCE section 8):
 - full attention (the teacher): a preallocated ``AttentionCache`` of ``max_length`` slots.
 Apart from the teacher's, the size never depends on how many tokens or frames have been seen.
 
-``Cache.layers[j]`` holds layer ``j`` of the period for every block: each array has a leading ``num_blocks`` axis, so
-layer ``i`` of the stack is ``layers[i % period][i // period]``.
+``Cache.layers[i]`` is layer ``i`` of the stack (``HybridStack.step`` runs the blocks as a loop, so nothing is stacked).
+``init_cache`` returns committed arrays placed like the steps' outputs, so the first step compiles the same program as
+every later one.
 """
 
 from __future__ import annotations
 
+import functools
 from typing import NamedTuple
 
 import jax
@@ -20,20 +23,19 @@ import jax.numpy as jnp
 from flax import struct
 
 from infinitevl_jax.config import FULL, GDN, InfiniteVLConfig
-from infinitevl_jax.modeling.decoder import layer_period
 
 
 class AttentionCache(NamedTuple):
-    k: jax.Array  # [N, B, L, Hkv, D]
-    v: jax.Array  # [N, B, L, Hkv, D]
-    positions: jax.Array  # [N, B, L] int32: sequence index held by each slot, -1 when empty
+    k: jax.Array  # [B, L, Hkv, D]
+    v: jax.Array  # [B, L, Hkv, D]
+    positions: jax.Array  # [B, L] int32: sequence index held by each slot, -1 when empty
 
 
 class GDNCache(NamedTuple):
-    conv_q: jax.Array  # [N, B, W-1, H*K]
-    conv_k: jax.Array  # [N, B, W-1, H*K]
-    conv_v: jax.Array  # [N, B, W-1, H*V]
-    state: jax.Array  # [N, B, H, K, V] float32
+    conv_q: jax.Array  # [B, W-1, H*K]
+    conv_k: jax.Array  # [B, W-1, H*K]
+    conv_v: jax.Array  # [B, W-1, H*V]
+    state: jax.Array  # [B, H, K, V] float32
 
 
 @struct.dataclass
@@ -51,39 +53,57 @@ class Cache:
 
     def copy(self) -> "Cache":
         """A copy with its own buffers (the jitted steps donate the cache they are given)."""
-        return jax.tree.map(jnp.copy, self)
+        return _copy(self)
 
     def nbytes(self) -> int:
         return sum(x.nbytes for x in jax.tree.leaves(self))
 
 
 def init_cache(config: InfiniteVLConfig, batch_size: int, *, max_length: int | None = None, dtype=jnp.float32,
-               state_dtype=jnp.float32) -> Cache:
+               state_dtype=jnp.float32, sharding: jax.sharding.Sharding | None = None) -> Cache:
     """An empty cache. ``max_length`` is required when the stack has full-attention layers (the teacher);
-    ``dtype`` is the K/V and conv-state dtype, ``state_dtype`` the GDN recurrent state's."""
+    ``dtype`` is the K/V and conv-state dtype, ``state_dtype`` the GDN recurrent state's.
+
+    The arrays are committed to ``sharding`` (default: the default device), as a step's outputs are: a step returns
+    committed arrays whenever one of its inputs is (the cache, or weights restored onto a device), and an uncommitted
+    first cache would make the first call lower and compile a second program.
+    """
     c = config.text
-    period = layer_period(c.layer_types)
-    n = c.num_hidden_layers // period
-    B = batch_size
+    if max_length is None and needs_max_length(config):
+        raise ValueError("a full-attention layer needs max_length for its preallocated KV cache")
+    sharding = sharding or jax.sharding.SingleDeviceSharding(jax.devices()[0])
+    return _constructor(c, int(batch_size), None if max_length is None else int(max_length), jnp.dtype(dtype),
+                        jnp.dtype(state_dtype), sharding)()
+
+
+def _build(c, B, max_length, dtype, state_dtype) -> Cache:
     layers = []
-    for kind in c.layer_types[:period]:
+    for kind in c.layer_types:
         if kind == GDN:
             kd, vd = c.num_linear_heads * c.linear_head_dim, c.num_linear_heads * c.linear_value_dim
             w = c.conv_size - 1
             layers.append(GDNCache(
-                jnp.zeros((n, B, w, kd), dtype), jnp.zeros((n, B, w, kd), dtype), jnp.zeros((n, B, w, vd), dtype),
-                jnp.zeros((n, B, c.num_linear_heads, c.linear_head_dim, c.linear_value_dim), state_dtype)))
+                jnp.zeros((B, w, kd), dtype), jnp.zeros((B, w, kd), dtype), jnp.zeros((B, w, vd), dtype),
+                jnp.zeros((B, c.num_linear_heads, c.linear_head_dim, c.linear_value_dim), state_dtype)))
         else:
             if kind == FULL or c.sliding_window is None:
-                if max_length is None:
-                    raise ValueError("a full-attention layer needs max_length for its preallocated KV cache")
-                length = int(max_length)
+                length = max_length
             else:
                 length = max(int(c.sliding_window) - 1, 1)
-            shape = (n, B, length, c.num_key_value_heads, c.head_dim)
+            shape = (B, length, c.num_key_value_heads, c.head_dim)
             layers.append(AttentionCache(jnp.zeros(shape, dtype), jnp.zeros(shape, dtype),
-                                         jnp.full((n, B, length), -1, jnp.int32)))
+                                         jnp.full((B, length), -1, jnp.int32)))
     return Cache(tuple(layers), jnp.zeros((B,), jnp.int32), jnp.zeros((B,), jnp.int32))
+
+
+@functools.lru_cache(maxsize=64)
+def _constructor(c, B, max_length, dtype, state_dtype, sharding):
+    """A compiled program writing the empty cache straight into ``sharding`` (cached per shape and placement)."""
+    fn = lambda: _build(c, B, max_length, dtype, state_dtype)
+    return jax.jit(fn, out_shardings=jax.tree.map(lambda _: sharding, jax.eval_shape(fn)))
+
+
+_copy = jax.jit(lambda tree: jax.tree.map(jnp.copy, tree))
 
 
 def needs_max_length(config: InfiniteVLConfig) -> bool:

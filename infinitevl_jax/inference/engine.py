@@ -6,18 +6,27 @@ cache is donated to every step so its buffers are reused in place (memory stays 
 
 Sequence indices (``q_positions``, what the SWA ring buffer and the causal masks use) count the real tokens of a
 row; M-RoPE positions (``position_ids``) are separate and follow the release's rule. Batches are left-padded.
+
+The steps take ``(graphdef, state)``: either ``nnx.split(model)`` or, what ``generate``, ``StreamingSession`` and
+``InfiniteVL`` use, ``split(model)`` / ``prepare(model)``: a copy of the model whose decoder blocks are separate
+per-block modules (``unstack_blocks``), made once outside the steps, so that no weight is copied out of a stacked
+array inside them. Its state is passed as a flat tuple of arrays and its static half hashes once, which keeps the
+per-call dispatch cost of a several-hundred-array model small.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import functools
+from typing import Any
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from infinitevl_jax.inference.cache import Cache
+from infinitevl_jax.inference.cache import Cache, init_cache
+from infinitevl_jax.modeling.decoder import unstack_blocks
 
 MIN_BUCKET = 16
 
@@ -27,6 +36,90 @@ def bucket_length(n: int, chunk: int) -> int:
     if n > chunk:
         return -(-n // chunk) * chunk
     return min(max(MIN_BUCKET, 1 << max(n - 1, 0).bit_length()), chunk)
+
+
+class PreparedDef:
+    """The static half of a prepared model: its graphdef and the tree structure of its flat state, hashed once (an
+    ``nnx.GraphDef`` hashes in time proportional to the model's size, and jit hashes static arguments on every call).
+    """
+
+    __slots__ = ("graphdef", "treedef", "_hash")
+
+    def __init__(self, graphdef, treedef):
+        self.graphdef, self.treedef = graphdef, treedef
+        self._hash = hash(graphdef)
+
+    def __hash__(self) -> int:
+        return self._hash
+
+    def __eq__(self, other) -> bool:
+        return self is other or (isinstance(other, PreparedDef) and self._hash == other._hash
+                                 and self.graphdef == other.graphdef and self.treedef == other.treedef)
+
+    def merge(self, leaves):
+        return nnx.merge(self.graphdef, jax.tree.unflatten(self.treedef, leaves))
+
+
+@dataclasses.dataclass(frozen=True, eq=False)
+class InferenceModel:
+    """A model ready for the cached steps (``prepare``): ``(graphdef, state)`` to pass to them, plus the config and
+    compute dtype. Holds the per-block weights and the other parameters, not the stacked blocks."""
+
+    graphdef: PreparedDef
+    state: tuple
+    config: Any
+    dtype: Any
+
+    def nbytes(self) -> int:
+        return sum(x.nbytes for x in self.state)
+
+
+def split(model, *, consume: bool = False) -> tuple[PreparedDef, tuple]:
+    """``(graphdef, state)`` for the steps: a copy of ``model`` whose decoder blocks are per-block modules.
+
+    Only the decoder blocks are copied (once, sliced out of the stacked arrays); every other parameter is shared with
+    ``model``. While ``model`` lives the blocks are held twice; ``consume=True`` (for a model nothing else holds)
+    deletes each stacked array as soon as it is sliced, so memory stays at one copy (plus one stacked array during
+    the conversion) and ``model`` must not be used afterwards.
+    """
+    graphdef, state = nnx.split(model)
+    shell = nnx.merge(graphdef, state)  # new module objects over the same arrays
+    stack = shell.language_model.layers
+    if not isinstance(stack.blocks, nnx.List):
+        stack.blocks = unstack_blocks(stack.blocks, consume=consume)
+    graphdef, state = nnx.split(shell)
+    leaves, treedef = jax.tree.flatten(state)
+    return PreparedDef(graphdef, treedef), tuple(leaves)
+
+
+def prepare(model, *, consume: bool = False) -> InferenceModel:
+    """``model`` (an ``InfiniteVLForConditionalGeneration``) as an ``InferenceModel``; an ``InferenceModel`` is
+    returned as is. See ``split`` for ``consume`` and memory."""
+    if isinstance(model, InferenceModel):
+        return model
+    graphdef, state = split(model, consume=consume)
+    return InferenceModel(graphdef, state, model.config, model.dtype)
+
+
+def _merge(graphdef, state):
+    return graphdef.merge(state) if isinstance(graphdef, PreparedDef) else nnx.merge(graphdef, state)
+
+
+def cache_sharding(state) -> jax.sharding.Sharding | None:
+    """Where a cache for these weights goes: their device, or replicated over their mesh (None: the default)."""
+    leaf = next(iter(jax.tree.leaves(state)), None)
+    s = getattr(leaf, "sharding", None)
+    if isinstance(s, jax.sharding.SingleDeviceSharding):
+        return s
+    if isinstance(s, jax.sharding.NamedSharding):
+        return jax.sharding.NamedSharding(s.mesh, jax.sharding.PartitionSpec())
+    return None
+
+
+def new_cache(model: InferenceModel, batch_size: int, *, max_length: int | None = None, dtype=None) -> Cache:
+    """``init_cache`` for ``model``'s config, in its compute dtype (default) and placed with its weights."""
+    return init_cache(model.config, batch_size, max_length=max_length, dtype=dtype or (model.dtype or jnp.float32),
+                      sharding=cache_sharding(model.state))
 
 
 def _advance(model, cache: Cache, embeds, positions, segment_ids):
@@ -44,13 +137,13 @@ def _advance(model, cache: Cache, embeds, positions, segment_ids):
 @functools.partial(jax.jit, static_argnames=("graphdef",))
 def embed(graphdef, state, input_ids, vision):
     """Token embeddings with vision features written over their pad tokens ``[B,T,E]``."""
-    return nnx.merge(graphdef, state).embed(input_ids, **vision)
+    return _merge(graphdef, state).embed(input_ids, **vision)
 
 
 @functools.partial(jax.jit, static_argnames=("graphdef",), donate_argnames=("cache",))
 def prefill_step(graphdef, state, cache: Cache, embeds, positions, segment_ids):
     """One prefill chunk. Returns ``(float32 logits of the chunk's last token [B,V], cache)``."""
-    model = nnx.merge(graphdef, state)
+    model = _merge(graphdef, state)
     h, cache = _advance(model, cache, embeds, positions, segment_ids)
     return model.logits(h[:, -1]).astype(jnp.float32), cache
 
@@ -59,7 +152,7 @@ def prefill_step(graphdef, state, cache: Cache, embeds, positions, segment_ids):
 def decode_step(graphdef, state, cache: Cache, tokens, key, temperature, top_p, *, top_k: int, greedy: bool):
     """Feeds ``tokens [B]`` at the cache's next positions and samples the next ones.
     Returns ``(next tokens [B], float32 logits [B,V], cache)``."""
-    model = nnx.merge(graphdef, state)
+    model = _merge(graphdef, state)
     B = tokens.shape[0]
     embeds = model.language_model.embed_tokens(tokens[:, None])
     positions = jnp.broadcast_to(cache.next_position[None, :, None], (3, B, 1))
@@ -121,6 +214,24 @@ def prefill(graphdef, state, cache: Cache, embeds, positions, segment_ids, *, ch
 def embed_prefill_step(graphdef, state, cache: Cache, input_ids, vision, positions, segment_ids):
     """Embeds (vision included) and prefills one chunk in one program (a streamed frame).
     Returns ``(float32 logits of the last token [B,V], cache)``."""
-    model = nnx.merge(graphdef, state)
+    model = _merge(graphdef, state)
     h, cache = _advance(model, cache, model.embed(input_ids, **vision), positions, segment_ids)
+    return model.logits(h[:, -1]).astype(jnp.float32), cache
+
+
+@functools.partial(jax.jit, static_argnames=("graphdef",), donate_argnames=("cache",))
+def frames_prefill_step(graphdef, state, cache: Cache, pixel_values, layout, positions):
+    """Prefills ``k`` streamed frames of one grid in one program (batch 1).
+
+    ``pixel_values [k, P, patch_dim]``: each frame's patch rows; ``layout``: the ``VisionLayout`` of one frame (the
+    tower runs on each frame separately, vmapped, so its attention stays per frame); ``positions [3, 1, k*n]``: the
+    M-RoPE positions of the ``k * n`` image tokens, frame after frame. The LM sees one chunk of ``k * n`` tokens.
+    Returns ``(float32 logits of the last token [1,V], cache)``; equal to ``k`` calls of ``embed_prefill_step``.
+    """
+    model = _merge(graphdef, state)
+    tower = nnx.vmap(lambda visual, px: visual(px, layout), in_axes=(None, 0))
+    feats = tower(model.visual, pixel_values)  # [k, n, E]
+    dtype = model.language_model.embed_tokens(jnp.zeros((1, 1), jnp.int32)).dtype  # what ``embed`` casts to
+    embeds = feats.reshape(1, -1, feats.shape[-1]).astype(dtype)
+    h, cache = _advance(model, cache, embeds, positions, jnp.ones(embeds.shape[:2], jnp.int32))
     return model.logits(h[:, -1]).astype(jnp.float32), cache

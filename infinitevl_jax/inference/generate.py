@@ -8,10 +8,9 @@ from typing import Callable, Mapping, Sequence
 import jax
 import jax.numpy as jnp
 import numpy as np
-from flax import nnx
 
 from infinitevl_jax.inference import engine
-from infinitevl_jax.inference.cache import Cache, init_cache, needs_max_length
+from infinitevl_jax.inference.cache import Cache, needs_max_length
 from infinitevl_jax.modeling.model import prepare_inputs
 
 _VISION_KEYS = ("pixel_values", "image_grid_thw", "pixel_values_videos", "video_grid_thw", "second_per_grid_ts")
@@ -69,12 +68,16 @@ def generate(model, inputs: Mapping, *, max_new_tokens: int = 256, temperature: 
              cache_dtype=None, on_token: Callable[[int, int], None] | None = None) -> list[np.ndarray]:
     """Generates a continuation of each prompt of ``inputs``.
 
+    ``model``: an ``InfiniteVLForConditionalGeneration``, or the ``engine.prepare``-d ``InferenceModel`` (what
+    ``InfiniteVL`` holds); a plain model is prepared on every call (its decoder blocks copied into per-block arrays,
+    held only during the call), so prepare once when generating repeatedly.
     ``inputs``: ``input_ids [T]`` or ``[B,T]`` (left-padded, with ``attention_mask``) plus optionally the processor's
     vision arrays and ``position_ids [3,(B,)T]``. Prefill runs in chunks of ``prefill_chunk`` tokens, then a decode
     step compiled once per (batch, sampling mode). Stops a row at any of ``stop_tokens`` (default ``<|im_end|>``
     and ``<|endoftext|>``). ``on_token(row, token)`` is called as tokens arrive. Returns one array of new tokens per
     row, its stop token included when one was produced.
     """
+    model = engine.prepare(model)
     config = model.config
     ids = np.asarray(inputs["input_ids"])
     single = ids.ndim == 1
@@ -85,13 +88,12 @@ def generate(model, inputs: Mapping, *, max_new_tokens: int = 256, temperature: 
         mask = None if mask is None else np.asarray(mask)[None]
         pos = None if pos is None else np.asarray(pos)[:, None]
     prepared = prepare_inputs(config, ids, attention_mask=mask, position_ids=pos, **kw)
-    graphdef, state = nnx.split(model)
+    graphdef, state = model.graphdef, model.state
     vision = {k: prepared[k] for k in ("pixel_values", "image_layout", "pixel_values_videos", "video_layout")
               if k in prepared}
     embeds = engine.embed(graphdef, state, prepared["input_ids"], vision)
     B, T = ids.shape
-    dtype = cache_dtype or (model.dtype or jnp.float32)
-    cache = init_cache(config, B, max_length=cache_max_length(config, T, max_new_tokens), dtype=dtype)
+    cache = engine.new_cache(model, B, max_length=cache_max_length(config, T, max_new_tokens), dtype=cache_dtype)
     logits, cache = engine.prefill(graphdef, state, cache, embeds, prepared["position_ids"], prepared["segment_ids"],
                                    chunk=prefill_chunk)
     tokens, _ = decode(graphdef, state, cache, logits, max_new_tokens=max_new_tokens,

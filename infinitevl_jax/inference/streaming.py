@@ -1,5 +1,5 @@
-"""Streaming video: frames are prefilled into the cache one at a time, at constant memory; questions are answered
-from a copy of the state (REFERENCE section 8).
+"""Streaming video: frames are prefilled into the cache as they come (one at a time, or ``frames_per_step`` per
+compiled program), at constant memory; questions are answered from a copy of the state (REFERENCE section 8).
 
 The stream is one open vision span: the header (system prompt, ``<|im_start|>user\\n<|vision_start|>``) is prefilled
 once, then every frame is encoded as an image (repeated to the temporal patch) and its tokens get M-RoPE positions
@@ -15,10 +15,9 @@ from typing import Callable, Sequence
 import jax
 import jax.numpy as jnp
 import numpy as np
-from flax import nnx
 
 from infinitevl_jax.inference import engine
-from infinitevl_jax.inference.cache import Cache, init_cache, needs_max_length
+from infinitevl_jax.inference.cache import Cache, needs_max_length
 from infinitevl_jax.inference.generate import SamplingParams, decode
 from infinitevl_jax.modeling.vision import vision_layout
 from infinitevl_jax.positions import rope_index_1d
@@ -35,21 +34,30 @@ def frame_position_ids(grid_thw, base: int, t_index: int, spatial_merge_size: in
 class StreamingSession:
     """``add_frames(frames)`` then ``ask(question)`` any number of times, in any order.
 
+    ``model``: an ``InfiniteVLForConditionalGeneration`` or an ``engine.prepare``-d ``InferenceModel``; the session
+    keeps only the prepared form (per-block decoder weights), not a plain model's stacked blocks.
+    ``frames_per_step``: how many frames (consecutive ones of one ``add_frames`` call, same size) are prefilled by one
+    compiled program: the vision tower on each, the language model on their tokens as one chunk. The result equals
+    frame-by-frame streaming; frames that do not fill a group go one at a time. Programs compiled per frame size:
+    the group's and the single frame's.
     ``max_length`` is needed only for a model with full-attention layers (the teacher), whose cache grows.
     ``record=True`` keeps every token id, position and pixel array on the host (tests; memory grows).
     """
 
     def __init__(self, model, processor, *, fps: float = 2.0, system: str | None = None, max_length: int | None = None,
-                 cache_dtype=None, prefill_chunk: int = 512, record: bool = False):
-        self.model, self.processor = model, processor
-        self.config = model.config
+                 cache_dtype=None, prefill_chunk: int = 512, frames_per_step: int = 1, record: bool = False):
+        if int(frames_per_step) < 1:
+            raise ValueError(f"frames_per_step must be >= 1, got {frames_per_step}")
+        self.model = engine.prepare(model)
+        self.processor = processor
+        self.config = self.model.config
         self.fps = float(fps)
         self.prefill_chunk = prefill_chunk
-        self.graphdef, self.state = nnx.split(model)
+        self.frames_per_step = int(frames_per_step)
+        self.graphdef, self.state = self.model.graphdef, self.model.state
         if needs_max_length(self.config) and max_length is None:
             raise ValueError("a model with full-attention layers needs max_length for its KV cache")
-        self.cache: Cache = init_cache(self.config, 1, max_length=max_length,
-                                       dtype=cache_dtype or (model.dtype or jnp.float32))
+        self.cache: Cache = engine.new_cache(self.model, 1, max_length=max_length, dtype=cache_dtype)
         self.record = record
         self.history = {"input_ids": [], "position_ids": [], "pixel_values": [], "image_grid_thw": []}
         self.num_frames = 0
@@ -84,36 +92,79 @@ class StreamingSession:
 
     # ------------------------------------------------------------------ frames
     def add_frames(self, frames: Sequence, timestamps: Sequence[float] | None = None):
-        """Prefills each frame (a PIL image, an image path or an ``[H,W,3]`` uint8 array) in order. Frame ``i`` of
-        the stream sits at ``timestamps[i]`` seconds (default ``i / fps``). Returns the last frame's logits."""
+        """Prefills each frame (a PIL image, an image path or an ``[H,W,3]`` uint8 array) in order, in groups of
+        ``frames_per_step``. Frame ``i`` of the stream sits at ``timestamps[i]`` seconds (default ``i / fps``).
+        Returns the last frame's logits."""
         logits = None
+        start = self.num_frames
+        group: list = []  # consecutive processed frames of one grid: (pixel_values, grid, timestamp)
         for j, frame in enumerate(frames):
-            ts = (self.num_frames / self.fps) if timestamps is None else float(timestamps[j])
-            logits = self.add_pixels(**self.processor.process_image(_as_image(frame)), timestamp=ts)
+            ts = ((start + j) / self.fps) if timestamps is None else float(timestamps[j])
+            media = self.processor.process_image(_as_image(frame))
+            grid = tuple(int(x) for x in np.asarray(media["image_grid_thw"]).reshape(-1))
+            if group and grid != group[0][1]:
+                logits = self._add_singly(group)
+                group = []
+            group.append((media["pixel_values"], grid, ts))
+            if len(group) == self.frames_per_step:
+                logits = self._add_singly(group) if len(group) == 1 else self._add_group(group)
+                group = []
+        if group:
+            logits = self._add_singly(group)
         return logits
+
+    def _add_singly(self, group):
+        logits = None
+        for pixels, grid, ts in group:
+            logits = self.add_pixels(pixels, np.asarray(grid), timestamp=ts)
+        return logits
+
+    def _layout(self, grid: tuple):
+        layout = self._layouts.get(grid)
+        if layout is None:
+            layout = self._layouts[grid] = vision_layout(np.asarray([grid]), self.config.vision)
+        return layout
+
+    def _frame_positions(self, grid: tuple, timestamp: float) -> np.ndarray:
+        vc = self.config.vision
+        return frame_position_ids(grid, self.base, int(timestamp * vc.tokens_per_second), vc.spatial_merge_size)
+
+    def _record_frame(self, ids, pos, pixel_values, grid):
+        self.span_max = max(self.span_max, int(pos.max()) - self.base)
+        self.num_frames += 1
+        if self.record:
+            self.history["input_ids"].append(ids)
+            self.history["position_ids"].append(pos)
+            self.history["pixel_values"].append(np.asarray(pixel_values))
+            self.history["image_grid_thw"].append(np.asarray(grid)[None])
 
     def add_pixels(self, pixel_values: np.ndarray, image_grid_thw: np.ndarray, *, timestamp: float):
         """One already-processed frame (``Processor.process_image``'s output)."""
         grid = tuple(int(x) for x in np.asarray(image_grid_thw).reshape(-1))
-        vc = self.config.vision
-        layout = self._layouts.get(grid)
-        if layout is None:
-            layout = self._layouts[grid] = vision_layout(np.asarray([grid]), vc)
-        t_index = int(timestamp * vc.tokens_per_second)
-        pos = frame_position_ids(grid, self.base, t_index, vc.spatial_merge_size)
+        layout = self._layout(grid)
+        pos = self._frame_positions(grid, timestamp)
         n = pos.shape[1]
         ids = np.full((1, n), self.config.image_token_id, np.int32)
         logits, self.cache = engine.embed_prefill_step(
             self.graphdef, self.state, self.cache, ids, {"pixel_values": jnp.asarray(pixel_values),
                                                            "image_layout": layout},
             pos[:, None], np.ones((1, n), np.int32))
-        self.span_max = max(self.span_max, int(pos.max()) - self.base)
-        self.num_frames += 1
-        if self.record:
-            self.history["input_ids"].append(ids[0])
-            self.history["position_ids"].append(pos)
-            self.history["pixel_values"].append(np.asarray(pixel_values))
-            self.history["image_grid_thw"].append(np.asarray(grid)[None])
+        self._record_frame(ids[0], pos, pixel_values, grid)
+        return logits
+
+    def add_pixel_group(self, pixel_values: Sequence[np.ndarray], image_grid_thw, timestamps: Sequence[float]):
+        """Already-processed frames of one grid (``image_grid_thw``, one row) prefilled by one program."""
+        grid = tuple(int(x) for x in np.asarray(image_grid_thw).reshape(-1))
+        return self._add_group([(p, grid, float(t)) for p, t in zip(pixel_values, timestamps)])
+
+    def _add_group(self, group):
+        grid = group[0][1]
+        pos = [self._frame_positions(grid, ts) for _, _, ts in group]
+        pixels = np.stack([np.asarray(p) for p, _, _ in group])
+        logits, self.cache = engine.frames_prefill_step(self.graphdef, self.state, self.cache, jnp.asarray(pixels),
+                                                        self._layout(grid), np.concatenate(pos, axis=1)[:, None])
+        for (p, _, _), fp in zip(group, pos):
+            self._record_frame(np.full(fp.shape[1], self.config.image_token_id, np.int32), fp, p, grid)
         return logits
 
     # ------------------------------------------------------------------ questions

@@ -52,5 +52,8 @@ class Attention(nnx.Module):
         q, k, v = self.project(x, cos, sin)
         cache_k, cache_v, cache_pos = cache
         o = ops.attention_with_cache(q, k, v, cache_k, cache_v, cache_pos, q_positions, window=self.window)
+        # The write updates the (donated) buffers in place: ordering it after the read above spares XLA a defensive
+        # copy of the whole ring buffer.
+        o, cache_k, cache_v, cache_pos = jax.lax.optimization_barrier((o, cache_k, cache_v, cache_pos))
         new = ring_buffer_write(cache_k, cache_v, cache_pos, k, v, q_positions)
         return self.o_proj(o.reshape(*x.shape[:2], -1)), type(cache)(*new)

@@ -4,6 +4,10 @@ The stack finds the shortest period of ``layer_types`` (4 for InfiniteVL: SWA, G
 teacher), builds one ``Block`` of that many layers, stacks ``num_layers / period`` copies of it with ``nnx.vmap`` and
 runs them with ``nnx.scan``, so compile time does not grow with depth. Parameters of layer ``i`` live at
 ``blocks.layers[i % period]`` with leading (stacked) index ``i // period``.
+
+The cached ``step`` (inference) is a Python loop over the blocks instead: inference passes the blocks as separate
+per-block modules (``unstack_blocks``, done once outside the compiled steps), so every weight reaches its matmul as
+its own buffer rather than through a dynamic slice of the stacked array (which XLA materialises as a copy).
 """
 
 from __future__ import annotations
@@ -119,11 +123,46 @@ class HybridStack(nnx.Module):
         return scan(self.blocks, x)
 
     def step(self, x, *, cos, sin, segment_ids, q_positions, caches):
-        """Cached forward (inference). ``caches``: per layer of the period, a cache whose arrays carry a leading
-        ``num_blocks`` axis (stacked like the blocks), scanned alongside them. Returns ``(x, new caches)``."""
+        """Cached forward (inference), a loop over the blocks. ``caches``: one cache per layer of the stack (the
+        ``infinitevl_jax.inference.cache`` layout: ``caches[i]`` for layer ``i``, no block axis). Returns
+        ``(x, new caches)``, the caches in the same layout.
 
-        def body(block, h, c):
-            return block.step(h, cos=cos, sin=sin, segment_ids=segment_ids, q_positions=q_positions, caches=c)
+        ``self.blocks`` is either an ``nnx.List`` of per-block modules (``unstack_blocks``; what inference passes) or
+        the stacked module, which is then sliced block by block inside the traced program (same results; the slices
+        cost a copy of the weights per call).
+        """
+        blocks = self.blocks if isinstance(self.blocks, nnx.List) else unstack_blocks(self.blocks)
+        p = self.period
+        if len(caches) != len(blocks) * p:
+            raise ValueError(f"expected one cache per layer ({len(blocks) * p}), got {len(caches)}")
+        out = []
+        for i, block in enumerate(blocks):
+            x, new = block.step(x, cos=cos, sin=sin, segment_ids=segment_ids, q_positions=q_positions,
+                                caches=tuple(caches[i * p:(i + 1) * p]))
+            out.extend(new)
+        return x, tuple(out)
 
-        scan = nnx.scan(body, in_axes=(0, nnx.Carry, 0), out_axes=(nnx.Carry, 0))
-        return scan(self.blocks, x, caches)
+
+@jax.jit
+def _index_block(x, i):
+    return jax.lax.dynamic_index_in_dim(x, i, 0, keepdims=False)
+
+
+def unstack_blocks(blocks: Block, *, consume: bool = False) -> nnx.List:
+    """The stacked ``blocks`` (leading axis ``num_blocks`` on every array) as an ``nnx.List`` of per-block ``Block``
+    modules holding their own arrays (copies of the slices).
+
+    Works inside a traced program (the step's fallback) and outside (inference, once). ``consume=True`` (outside only)
+    deletes each stacked array as soon as it is sliced, so the conversion needs one stacked array's worth of extra
+    memory rather than a second copy of the blocks; the module passed in is unusable afterwards.
+    """
+    graphdef, state = nnx.split(blocks)
+    leaves, treedef = jax.tree.flatten(state)
+    n = leaves[0].shape[0]
+    per_leaf = []
+    for x in leaves:
+        per_leaf.append([_index_block(x, i) for i in range(n)])
+        if consume:  # free the stacked array once its slices exist (peak: one stacked array extra)
+            jax.block_until_ready(per_leaf[-1])
+            x.delete()
+    return nnx.List([nnx.merge(graphdef, jax.tree.unflatten(treedef, [p[i] for p in per_leaf])) for i in range(n)])

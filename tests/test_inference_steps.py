@@ -1,0 +1,204 @@
+"""The prepared (per-block) weights of the cached steps, the cache's placement (no recompilation), and streaming in
+groups of frames, on tiny float32 models."""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from flax import nnx
+from PIL import Image
+
+from infinitevl_jax.config import tiny_infinitevl, tiny_qwen2_5_vl
+from infinitevl_jax.inference import engine, generate, init_cache
+from infinitevl_jax.inference.api import InfiniteVL
+from infinitevl_jax.inference.generate import cache_max_length
+from infinitevl_jax.inference.streaming import StreamingSession
+from infinitevl_jax.modeling.model import InfiniteVLForConditionalGeneration
+from infinitevl_jax.processing import Processor
+from infinitevl_jax.processing.testing import write_tiny_processor_dir
+
+CHUNK = 16
+
+
+@pytest.fixture(scope="module")
+def hybrid():
+    return InfiniteVLForConditionalGeneration(tiny_infinitevl(), rngs=nnx.Rngs(0))
+
+
+@pytest.fixture(scope="module")
+def processor(tmp_path_factory, hybrid):
+    path = write_tiny_processor_dir(tmp_path_factory.mktemp("proc"), hybrid.config, min_pixels=28 * 28,
+                                    max_pixels=56 * 56)
+    return Processor.from_pretrained(path)
+
+
+class Compiles:
+    """Counts backend compilations (the listener stays registered; only differences are read)."""
+
+    def __init__(self):
+        self.n = 0
+        jax.monitoring.register_event_duration_secs_listener(self._on)
+
+    def _on(self, name, *a, **k):
+        if name == "/jax/core/compile/backend_compile_duration":
+            self.n += 1
+
+
+COMPILES = Compiles()
+
+
+def run_steps(graphdef, state, cfg, ids, P):
+    """Prefill ``P`` tokens (chunks of 16) then decode the rest; logits of every position from P - 1 on."""
+    T = ids.shape[1]
+    cache = init_cache(cfg, 1, max_length=cache_max_length(cfg, T, 0))
+    pos = np.broadcast_to(np.arange(T, dtype=np.int32)[None, None], (3, 1, T))
+    embeds = engine.embed(graphdef, state, jnp.asarray(ids[:, :P]), {})
+    logits, cache = engine.prefill(graphdef, state, cache, embeds, pos[:, :, :P], np.ones((1, P), np.int32),
+                                   chunk=CHUNK)
+    out = [np.asarray(logits)]
+    for t in range(P, T):
+        _, logits, cache = engine.decode_step(graphdef, state, cache, jnp.asarray(ids[:, t]), jax.random.key(0),
+                                              0.0, 1.0, top_k=0, greedy=True)
+        out.append(np.asarray(logits))
+    return np.stack(out, axis=1), cache
+
+
+@pytest.mark.parametrize("which", ["hybrid", "teacher"])
+def test_per_block_weights_equal_stacked_weights(hybrid, which):
+    """``engine.split`` (per-block weights, a loop over separate arrays) gives what the stacked weights (sliced
+    inside the program) give; ``test_inference`` holds the stacked path to the full forward."""
+    model = hybrid if which == "hybrid" else InfiniteVLForConditionalGeneration(
+        tiny_qwen2_5_vl(num_hidden_layers=2), rngs=nnx.Rngs(1))
+    cfg = model.config
+    T, P = 24, 20
+    ids = np.random.RandomState(3).randint(0, cfg.text.vocab_size - 20, (1, T)).astype(np.int32)
+    stacked, c1 = run_steps(*nnx.split(model), cfg, ids, P)
+    per_block, c2 = run_steps(*engine.split(model), cfg, ids, P)
+    np.testing.assert_allclose(per_block, stacked, atol=1e-6, rtol=0)
+    jax.tree.map(lambda a, b: np.testing.assert_allclose(np.asarray(a), np.asarray(b), atol=1e-6), c1, c2)
+
+
+def test_split_copies_only_the_blocks_and_consume_frees_them():
+    model = InfiniteVLForConditionalGeneration(tiny_infinitevl(), rngs=nnx.Rngs(2))
+    n = model.config.text.num_hidden_layers // 4
+    stacked = nnx.state(model.language_model.layers.blocks)
+    stacked_leaves = jax.tree.leaves(stacked)
+    stacked_bytes = sum(x.nbytes for x in stacked_leaves)
+    others = {id(x) for x in jax.tree.leaves(nnx.state(model))} - {id(x) for x in stacked_leaves}
+
+    prepared = engine.prepare(model)
+    ids = {id(x) for x in prepared.state}
+    assert others <= ids  # embeddings, vision tower, norms: shared, not copied
+    assert not ids & {id(x) for x in stacked_leaves}  # the stacked blocks are not held
+    assert prepared.nbytes() == sum(x.nbytes for x in jax.tree.leaves(nnx.state(model)))
+    assert len(prepared.state) == len(jax.tree.leaves(nnx.state(model))) + (n - 1) * len(stacked_leaves)
+    assert engine.prepare(prepared) is prepared
+    assert engine.split(model)[0] == prepared.graphdef and hash(engine.split(model)[0]) == hash(prepared.graphdef)
+    assert nnx.state(model.language_model.layers.blocks) is not None  # the model itself is untouched
+    del prepared
+
+    # consume=True: each stacked array is deleted once sliced, so the live bytes do not grow
+    jax.block_until_ready(jax.tree.leaves(nnx.state(model)))
+    before = sum(x.nbytes for x in jax.live_arrays() if not x.is_deleted())
+    prepared = engine.prepare(model, consume=True)
+    after = sum(x.nbytes for x in jax.live_arrays() if not x.is_deleted())
+    assert all(x.is_deleted() for x in stacked_leaves)
+    assert after == before, (after, before, stacked_bytes)
+
+
+def signature(tree):
+    return [(x.dtype, x.weak_type, x.shape, x.sharding, x.committed, x.format) for x in jax.tree.leaves(tree)]
+
+
+def test_cache_matches_step_outputs_and_nothing_recompiles(hybrid):
+    """``init_cache`` returns arrays placed like a step's outputs (committed, same sharding and layout), so weights
+    restored onto the device (committed) do not make the second step compile again."""
+    prepared = engine.prepare(hybrid)
+    state = jax.device_put(prepared.state, jax.devices()[0])  # committed, as checkpoint.load restores them
+    graphdef, cfg = prepared.graphdef, hybrid.config
+    cache = init_cache(cfg, 1)
+    first = signature(cache)
+    ids = jnp.zeros((1, CHUNK), jnp.int32)
+    embeds = engine.embed(graphdef, state, ids, {})
+    pos = jnp.zeros((3, 1, CHUNK), jnp.int32)
+    seg = jnp.ones((1, CHUNK), jnp.int32)
+    logits, cache = engine.prefill_step(graphdef, state, cache, embeds, pos, seg)
+    assert signature(cache) == first
+    n = COMPILES.n
+    logits, cache = engine.prefill_step(graphdef, state, cache, embeds, pos, seg)
+    assert COMPILES.n == n
+    tok = jnp.argmax(logits, -1).astype(jnp.int32)
+    tok, _, cache = engine.decode_step(graphdef, state, cache, tok, jax.random.key(0), 0.0, 1.0, top_k=0, greedy=True)
+    n = COMPILES.n
+    for _ in range(3):
+        tok, _, cache = engine.decode_step(graphdef, state, cache, tok, jax.random.key(0), 0.0, 1.0, top_k=0,
+                                           greedy=True)
+    assert COMPILES.n == n and signature(cache) == first
+
+    # generate: a second call with the same shapes compiles nothing
+    kw = dict(max_new_tokens=5, prefill_chunk=CHUNK, stop_tokens=())
+    a = generate(prepared, {"input_ids": np.arange(9, dtype=np.int32)}, **kw)
+    n = COMPILES.n
+    b = generate(prepared, {"input_ids": np.arange(9, dtype=np.int32)}, **kw)
+    assert COMPILES.n == n
+    np.testing.assert_array_equal(a[0], b[0])
+    np.testing.assert_array_equal(a[0], generate(hybrid, {"input_ids": np.arange(9, dtype=np.int32)}, **kw)[0])
+
+
+def frame(i, px):
+    return Image.fromarray(np.random.RandomState(i).randint(0, 255, (px, px, 3), np.uint8))
+
+
+def assert_same_stream(a: StreamingSession, b: StreamingSession, tol=1e-5):
+    jax.tree.map(lambda x, y: np.testing.assert_allclose(np.asarray(x), np.asarray(y), atol=tol, rtol=0),
+                 a.cache, b.cache)
+    assert (a.num_frames, a.span_max, a.base) == (b.num_frames, b.span_max, b.base)
+    for key in a.history:
+        for x, y in zip(a.history[key], b.history[key], strict=True):
+            np.testing.assert_array_equal(x, y)
+
+
+def test_grouped_streaming_equals_frame_by_frame(hybrid, processor, k=4):
+    """Groups of ``k`` frames per program (vision tower per frame, one LM chunk) give the frame-by-frame stream:
+    56 px frames (4 tokens each, 4 vision windows), a 28 px frame breaking a group, leftovers one at a time."""
+    sizes = [56] * 6 + [28] + [56] * 5  # 4 | 2 singly, 28 singly | 4 | 1 singly
+    frames = [frame(i, px) for i, px in enumerate(sizes)]
+    one = StreamingSession(hybrid, processor, prefill_chunk=CHUNK, record=True)
+    grouped = StreamingSession(hybrid, processor, prefill_chunk=CHUNK, record=True, frames_per_step=k)
+    for f in frames[:7]:
+        last_one = one.add_frames([f])
+    last_grouped = grouped.add_frames(frames[:7])
+    np.testing.assert_allclose(np.asarray(last_grouped), np.asarray(last_one), atol=1e-5, rtol=0)
+    ts = [3.5 + 0.5 * i for i in range(5)]
+    last_one = one.add_frames(frames[7:], timestamps=ts)
+    last_grouped = grouped.add_frames(frames[7:], timestamps=ts)
+    np.testing.assert_allclose(np.asarray(last_grouped), np.asarray(last_one), atol=1e-5, rtol=0)
+    assert_same_stream(one, grouped)
+
+
+def test_grouped_streaming_is_flat(hybrid, processor):
+    """Memory and compilations stay flat over groups; the session keeps no stacked weights."""
+    session = StreamingSession(hybrid, processor, prefill_chunk=CHUNK, frames_per_step=4)
+    stacked = {id(x) for x in jax.tree.leaves(nnx.state(hybrid.language_model.layers.blocks))}
+    assert not stacked & {id(x) for x in session.state}
+    frames = [frame(i, 56) for i in range(8)]
+    logits = session.add_frames(frames)  # held, as in the loop
+    jax.block_until_ready(logits)
+    n = COMPILES.n
+    base = sum(x.nbytes for x in jax.live_arrays() if not x.is_deleted())
+    for r in range(6):
+        logits = session.add_frames(frames)
+        assert sum(x.nbytes for x in jax.live_arrays() if not x.is_deleted()) <= base
+    assert COMPILES.n == n
+    assert session.num_frames == 56
+
+
+def test_infinitevl_wrapper_holds_prepared_weights(hybrid, processor):
+    vl = InfiniteVL(hybrid, processor)
+    assert isinstance(vl.model, engine.InferenceModel) and vl.model.config is hybrid.config
+    session = vl.stream(frames_per_step=4, prefill_chunk=CHUNK)
+    assert session.model is vl.model
+    session.add_frames([frame(i, 56) for i in range(4)])
+    assert session.num_frames == 4
