@@ -283,7 +283,8 @@ def stage_times(T, out=None, left=lambda: 1e9):
 
   def variants():  # block sizes of version 3 (the module constants are read when traced)
     g3, fwd, bwd, pre, h0, do, hT = (ctx[n] for n in ("g3", "fwd", "bwd", "pre", "h0", "do", "hT"))
-    for name, flags in (("v3_grads_bv128", dict(GRAD_BV=128)), ("v3_grads_bk128", dict(GRAD_BK=128))):
+    for name, flags in (("v3_grads_bk32", dict(GRAD_BK=32)), ("v3_grads_bv128", dict(GRAD_BV=128)),
+                        ("v3_grads_unrolled", dict(GRAD_LOOP=False))):
       with gpu_flags(**flags):
         try:
           stage(name, lambda *x: pallas_gpu.grads_v3(*x, chunk_size=C, raw=True, scale=sc, l2norm=True), *g3)
@@ -441,6 +442,7 @@ def main():
   dev = jax.devices()[0]
   info = {"device": dev.device_kind, "jax": jax.__version__, "shape": dict(B=B, H=H, K=K, V=V),
           "bv": pallas_gpu.BV, "grad_bk": pallas_gpu.GRAD_BK, "grad_bv": pallas_gpu.GRAD_BV,
+          "grad_loop": pallas_gpu.GRAD_LOOP, "grad_warps": pallas_gpu.GRAD_WARPS,
           "configs": {c: CONFIGS[c] for c in configs}, "default": "v3", "smoke": a.smoke}
   print(info, flush=True)
   report = {"info": info, "t0": t0, "correctness": [], "timing": {T: {"T": T} for T in lengths}, "stages": {},

@@ -306,28 +306,54 @@ def chunk_backward(q, k, gam, beta, m, seg, load, store_dv, nblk=1, inverse=unit
   return dq, dk, dbeta, _dg_from_parts(dD, D, dE, E, dF, F, dgl, gl)
 
 
+def _dg_cross(DD, split=None):
+  """sum_{i >= t, j < t} DD_ij as a [C, 1] column (the part of dg_t that flows through D, DD = dD * D).
+
+  The prefix sums over j are a product with a 0/1 matrix: a float32 product, or with `split` (a 16-bit float dtype)
+  three products of the 16-bit parts of DD = hi + mid + lo (0/1 is exact in 16 bits, so the float32 accumulation
+  sees DD to ~24 bits) on the matrix units instead of a float32 product (which on GPU runs on the FMA units and
+  needs many registers).
+  """
+  C = DD.shape[0]
+  r, c = _iota2(C, C)
+  upper = (r < c).astype(f32)
+  if split is None:
+    pre = dot(DD, upper)  # pre[i, t] = sum_{j < t} DD_ij
+  else:
+    upper = upper.astype(split)
+    hi = DD.astype(split)
+    rest = DD - hi.astype(f32)
+    mid = rest.astype(split)
+    lo = (rest - mid.astype(f32)).astype(split)
+    pre = dot(lo, upper) + dot(mid, upper) + dot(hi, upper)
+  return row_to_col(jnp.sum(jnp.where(r >= c, pre, 0.0), axis=0, keepdims=True))
+
+
+def _dg_columns(dE, E, dF, F):
+  """The parts of dg_t that flow through E and F: sum_{s >= t} dE_s E_s + sum_{s < t} dF_s F_s."""
+  C = E.shape[0]
+  r, c = _iota2(C, C)
+  after = jnp.sum(jnp.where(c >= r, col_to_row(dE * E), 0.0), axis=1, keepdims=True)
+  before = jnp.sum(jnp.where(c < r, col_to_row(dF * F), 0.0), axis=1, keepdims=True)
+  return after + before
+
+
 def _dg_from_parts(dD, D, dE, E, dF, F, dgl, gl):
   """dg w.r.t. the per-token g of one chunk from the gradients w.r.t. D, E, F and gl (formed directly, see below)."""
   # dg_t = sum_{s >= t} dgam_s, formed directly. (Taking the reverse cumulative sum of dgam = rowsum(DD) - colsum(DD)
   # + ... subtracts large partial sums and lost up to ~1e-4 relative accuracy of dg with strongly negative g.)
-  C = D.shape[0]
-  DD = dD * D
-  FF = dF * F
-  r, c = _iota2(C, C)
-  pre = dot(DD, (r < c).astype(f32))  # pre[i, t] = sum_{j < t} DD_ij
-  cross = row_to_col(jnp.sum(jnp.where(r >= c, pre, 0.0), axis=0, keepdims=True))  # sum_{i >= t, j < t} DD_ij
-  after = jnp.sum(jnp.where(c >= r, col_to_row(dE * E), 0.0), axis=1, keepdims=True)  # sum_{s >= t} dE_s E_s
-  before = jnp.sum(jnp.where(c < r, col_to_row(FF), 0.0), axis=1, keepdims=True)  # sum_{s < t} dF_s F_s
-  return cross + after + before + dgl * gl
+  return _dg_cross(dD * D) + _dg_columns(dE, E, dF, F) + dgl * gl
 
 
-def chunk_backward_split(a, gam, beta, m, seg, load, load_state, load_qk, store_dv, store_dqk, nk, nv):
+def chunk_backward_split(a, gam, beta, m, seg, load, load_state, load_qk, store_dv, store_dqk, nk, nv, bk,
+                         loop=False):
   """Gradients of one chunk from V' and dV' (stored by the serial passes) instead of recomputing them.
 
   Uses dL = -strict(dxu V'^T) (since dxu U^T + dxw W^T = dxu (U - W S0)^T) and dxw = -dxu S0^T, so neither W, U
-  nor P is needed. The key dimension is visited in `nk` column blocks and the value dimension in `nv` column
-  blocks, both unrolled; the only sums carried across blocks are [C, C] and [C, bk] float32 tiles.
-    load(name, j): block j [C, bv] of "dvn", "vn", "do" (compute dtype) or "v";
+  nor P is needed. Passes over the value dimension in `nv` column blocks (a `fori_loop` with `loop`, else
+  unrolled), each carrying at most three float32 tiles: one for dv and the [C, C] sums dO V'^T, dxu V'^T, then one
+  per key block (`nk` column blocks) for dxu S0^T, dO S0^T, V' dS1^T [C, bk]. dxu = A^T dV' is recomputed per pass.
+    load(name, j): block j [C, bv] of "dvn", "vn", "do" (compute dtype) or "v" (j may be traced with `loop`);
     load_state(name, kb, j): block [bk, bv] of "h" (S0) or "dh" (dS1), compute dtype;
     load_qk(kb): (q, k) column blocks [C, bk] in the compute dtype (normalised and scaled as in the forward);
     store_dv(j, dv_j); store_dqk(kb, dq_kb, dk_kb) (float32, gradients w.r.t. the normalised scaled q and k).
@@ -338,31 +364,50 @@ def chunk_backward_split(a, gam, beta, m, seg, load, load_state, load_qk, store_
   C = a.shape[0]
   c_ = lambda x: x.astype(cdt)
   rsum = lambda x: jnp.sum(x, axis=1, keepdims=True)
-  D, E, F, gl = gates(gam, m, seg)
-  strict = strict_lower(C)
-  dgl = jnp.zeros((1, 1), f32)
-  dbeta = dE = dF = jnp.zeros((C, 1), f32)
-  for kb in range(nk):
-    X = None
+  add = lambda acc, t: tuple(x + y for x, y in zip(acc, t))
+  zeros = lambda *shapes: tuple(jnp.zeros(s_, f32) for s_ in shapes)
+
+  def over_values(block, acc):
+    if loop and nv > 1:
+      return lax.fori_loop(0, nv, block, acc)
     for j in range(nv):
+      acc = block(j, acc)
+    return acc
+
+  def cc_block(j, acc):  # dv and the sums over the value columns that are [C, C]
+    dvn, vn, do = load("dvn", j), load("vn", j), load("do", j)
+    dxu = dot(a, dvn, ta=True)  # A^T dV': the gradient w.r.t. beta V - beta E K S0 (before A)
+    store_dv(j, beta * dxu)
+    return add(acc, (rsum(dxu * load("v", j).astype(f32)), dot(do, vn, tb=True), dot(c_(dxu), vn, tb=True)))
+
+  dbu, dPr, dLn = over_values(cc_block, zeros((C, 1), (C, C), (C, C)))
+  D, E, F, gl = gates(gam, m, seg)
+  qk = kk = None
+  for kb in range(nk):
+    q, k = load_qk(kb)
+    qk = dot(q, k, tb=True) if qk is None else qk + dot(q, k, tb=True)
+    kk = dot(k, k, tb=True) if kk is None else kk + dot(k, k, tb=True)
+  dL = jnp.where(strict_lower(C), -dLn, 0.0)
+  dP = c_(dPr * D)
+  G = c_(dL * beta * D)
+  dbeta = dbu + rsum(dL * kk * D)
+  # O = (E Q) S0 + (Q K^T * D) V';  L = beta (K K^T) * D  (dD -> dg now, so D, qk, kk die here)
+  dg = _dg_cross((dPr * qk + dL * beta * kk) * D, split=None if cdt == f32 else jnp.bfloat16)
+  dE = dF = jnp.zeros((C, 1), f32)
+  dgl = jnp.zeros((1, 1), f32)
+  for kb in range(nk):
+    def x_block(j, acc, kb=kb):  # the sums over the value columns that are [C, bk]
       dvn, vn, do = load("dvn", j), load("vn", j), load("do", j)
       S0, dS1 = load_state("h", kb, j), load_state("dh", kb, j)
-      dxu = dot(a, dvn, ta=True)  # dxu = A^T dV' (gradient w.r.t. beta V - beta E K S0 before A)
-      dxuc = c_(dxu)
-      if kb == 0:
-        store_dv(j, beta * dxu)
-        t = (rsum(dxu * load("v", j).astype(f32)), dot(do, vn, tb=True), dot(dxuc, vn, tb=True))
-        dbu, dPr, dLn = t if j == 0 else (dbu + t[0], dPr + t[1], dLn + t[2])
-      t = (dot(dxuc, S0, tb=True), dot(do, S0, tb=True), dot(vn, dS1, tb=True))
-      X = t if X is None else tuple(x + y for x, y in zip(X, t))
-      dgl = dgl + jnp.sum(rsum(S0.astype(f32) * dS1.astype(f32)), axis=0, keepdims=True)
-    X1, X2, X3 = X  # dxu S0^T = -dxw, dO S0^T, V' dS1^T (this key block)
-    if kb == 0:
-      dL = jnp.where(strict, -dLn, 0.0)
-      dP = c_(dPr * D)
-      G = c_(dL * beta * D)
+      dxuc = c_(dot(a, dvn, ta=True))
+      return add(acc, (dot(dxuc, S0, tb=True), dot(do, S0, tb=True), dot(vn, dS1, tb=True),
+                       jnp.sum(rsum(S0.astype(f32) * dS1.astype(f32)), axis=0, keepdims=True)))
+
+    X1, X2, X3, dgl_ = over_values(x_block, zeros((C, bk), (C, bk), (C, bk), (1, 1)))
+    # X1 = dxu S0^T = -dxw, X2 = dO S0^T, X3 = V' dS1^T (this key block), dgl_ = sum S0 dS1
+    dgl = dgl + dgl_
     q, k = load_qk(kb)
-    # O = (E Q) S0 + (Q K^T * D) V';  L = beta (K K^T) * D;  S1 = gl S0 + (F K)^T V';  W = A (beta E K)
+    # ... S1 = gl S0 + (F K)^T V';  W = A (beta E K), dxw = -dxu S0^T
     dq = dot(dP, k) + E * X2
     dk = dot(dP, q, ta=True) + dot(G, k) + dot(G, k, ta=True) + F * X3 - beta * E * X1
     store_dqk(kb, dq, dk)
@@ -370,8 +415,4 @@ def chunk_backward_split(a, gam, beta, m, seg, load, load_state, load_qk, store_
     dbeta = dbeta - E * kX1
     dE = dE + rsum(q * X2) - beta * kX1
     dF = dF + rsum(k * X3)
-    qk_, kk_ = dot(q, k, tb=True), dot(k, k, tb=True)
-    qk, kk = (qk_, kk_) if kb == 0 else (qk + qk_, kk + kk_)
-  dbeta = dbeta + dbu + rsum(dL * kk * D)
-  dD = dPr * qk + dL * beta * kk
-  return dbeta, _dg_from_parts(dD, D, dE, E, dF, F, dgl, gl)
+  return dbeta, dg + _dg_columns(dE, E, dF, F) + dgl * gl

@@ -234,9 +234,14 @@ def backward_state(q, k, w, do, gam, m, seg, dhT, *, chunk_size):
 # ---------------------------------------------------------------- version 3: split gradient kernel
 # Version 3 (SPLIT_GRADS, the default): the backward's states-only pass also stores V' and the reverse pass stores
 # dV' (both already formed there), and one chunk-parallel gradient kernel reads them with the states (no
-# recomputation of U, V', dV'; dL = -strict(dxu V'^T)), visiting K and V in [GRAD_BK, GRAD_BV] blocks so that no
-# program carries more than a few [64 x 64] float32 sums. False selects version 2's backward (gradient kernel with a
-# loop over value blocks carrying [C, K] accumulators). The forward is version 2's either way.
+# recomputation of U, V', dV'; dL = -strict(dxu V'^T)), in passes over [GRAD_BV] value columns that carry at most
+# three [64 x GRAD_BK] float32 sums. False selects version 2's backward (gradient kernel with a loop over value
+# blocks carrying three [C, K] and two [C, C] accumulators). The forward is version 2's either way.
+# Register use, read off ptxas -v for sm_90a (standalone Triton 3.9 on the lowered Triton IR, T=256, K=128, V=256):
+# version 2's gradient kernel: 255 registers, 3960 B spilled, 451 spill instructions inside its loop body; this one
+# (defaults below): 255 registers, ~840 B spilled, 0-2 spill instructions per loop body (the rest, ~380, in the
+# straight-line [C, C] work that runs once per program). Unrolled value blocks (GRAD_LOOP = False) spill ~1800 B,
+# GRAD_BV = 128 spills inside the loops, 4 warps spill ~3800 B.
 #
 # The version-3 wrappers take per-token tensors in the caller's [B, T, H, *] layout (heads-first arrays pass as
 # [N, Tp, 1, *], i.e. H = 1) and keep the intermediates of `prep` and the states heads-first ([B*H, ...]).
@@ -247,6 +252,8 @@ SPLIT_GRADS = True
 NATIVE_LAYOUT = True
 GRAD_BK = 64  # key columns per block of the version-3 gradient kernel
 GRAD_BV = 64  # value columns per block of the version-3 gradient kernel
+GRAD_LOOP = True  # value blocks of the gradient kernel in a fori_loop (True) or unrolled
+GRAD_WARPS = 8  # num_warps of the version-3 gradient kernel
 
 
 def _forward_v3_kernel(qe_ref, kf_ref, w_ref, u_ref, p_ref, gl_ref, h0_ref, *outs, C, NT, need_o, store):
@@ -372,7 +379,7 @@ def _grads_v3_kernel(q_ref, k_ref, v_ref, do_ref, gam_ref, beta_ref, m_ref, seg_
   f32 = jnp.float32
   nk, nv = q_ref.shape[-1] // bk, v_ref.shape[-1] // bv
   kc = lambda i: slice(i * bk, (i + 1) * bk)
-  vc = lambda j: slice(j * bv, (j + 1) * bv)
+  vc = lambda j: (slice(j * bv, (j + 1) * bv) if isinstance(j, int) else pl.ds(pl.multiple_of(j * bv, bv), bv))
   rows = dict(v=v_ref, do=do_ref, vn=vn_ref, dvn=dvn_ref)
   states = dict(h=h_ref, dh=dh_ref)
   # raw: q, k arrive as given by the caller; normalise them here and apply the norm's VJP to dq', dk'.
@@ -414,7 +421,7 @@ def _grads_v3_kernel(q_ref, k_ref, v_ref, do_ref, gam_ref, beta_ref, m_ref, seg_
 
   dbeta, dg = cm.chunk_backward_split(a_ref[...], gam_ref[...].astype(f32), beta_ref[...].astype(f32),
                                       m_ref[...], seg_ref[...], load, load_state, load_qk, store_dv, store_dqk,
-                                      nk, nv)
+                                      nk, nv, bk, loop=GRAD_LOOP)
   dbeta_ref[...] = dbeta
   dg_ref[...] = dg
   # x' = s rho x: dx = s rho (dx' - rho^2 x (x . dx'))
@@ -450,7 +457,7 @@ def grads_v3(a, q, k, v, gam, beta, m, seg, h, dh, vn, dvn, do, *, chunk_size, r
       out_specs=[tok(K), tok(K), tok(V), tok(1), tok(1)],
       out_shape=[sds(q.shape, q.dtype), sds(k.shape, k.dtype), sds(v.shape, v.dtype), sds((B, Tp, H, 1), f32),
                  sds((B, Tp, H, 1), f32)],
-      compiler_params=_compat.triton_params(num_warps=8, num_stages=1), interpret=_compat.gpu_interpret(),
+      compiler_params=_compat.triton_params(num_warps=GRAD_WARPS, num_stages=1), interpret=_compat.gpu_interpret(),
       name="gdn_grads_v3",
   )(q, k, v, do, gam, beta, m, seg, a, vn, dvn, h, dh)
 
