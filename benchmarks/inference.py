@@ -1,9 +1,17 @@
 """Inference benchmark: batch-1 decode ms/token vs context (InfiniteVL vs the same code in Qwen2.5-VL-3B teacher
-mode), prefill tokens/s, streaming frames/s. Full-size random bf16 weights (``--tiny`` for a CPU smoke run).
+mode), prefill tokens/s, streaming frames/s (one frame per program and ``--frames-per-step`` frames per program).
+Full-size random bf16 weights (``--tiny`` for a CPU smoke run).
 
-Decode at context C uses a cache filled to C tokens (slot positions set, values zero: the step's cost does not
-depend on the values), so no C-token prefill is needed. Byte floor of a decode step: parameters read once
-(language stack + tied head) plus the cache. Writes ``$OUT/inference.json`` and prints a table.
+Every timed program runs on the inference path (``engine.prepare``: per-block decoder weights) and is called until a
+call compiles nothing before the clock starts. Decode at context C uses a cache filled to C tokens (slot positions set,
+values zero: the step's cost does not depend on the values), so no C-token prefill is needed. Byte floor of a decode
+step: parameters read once (language stack + tied head) plus the cache. Writes ``$OUT/inference.json`` and prints a
+table.
+
+    PYTHONPATH=. python3 benchmarks/inference.py --frames-per-step 1,4,8
+    PYTHONPATH=. python3 benchmarks/inference.py --parts stream --frames 96 --frames-per-step 1,4,8
+    PYTHONPATH=. python3 benchmarks/inference.py --tiny --contexts 64 --teacher-contexts 64 --prefill 256 --chunk 64 \\
+        --frames 12 --frames-per-step 1,4
 """
 
 from __future__ import annotations
@@ -26,41 +34,118 @@ from infinitevl_jax.modeling.model import InfiniteVLForConditionalGeneration
 from infinitevl_jax.modeling.vision import vision_layout
 
 
+class _Compiles:
+    """Backend compilations so far (a process-wide listener)."""
+
+    n = 0
+
+    @classmethod
+    def install(cls):
+        if not getattr(cls, "_installed", False):
+            jax.monitoring.register_event_duration_secs_listener(cls._on)
+            cls._installed = True
+
+    @classmethod
+    def _on(cls, name, *a, **k):
+        if name == "/jax/core/compile/backend_compile_duration":
+            cls.n += 1
+
+
+def warm(fn, max_calls: int = 6):
+    """Calls ``fn()`` (returns something to block on) until a call compiles nothing; returns the calls made."""
+    _Compiles.install()
+    for i in range(1, max_calls + 1):
+        n = _Compiles.n
+        jax.block_until_ready(fn())
+        if _Compiles.n == n and i >= 2:
+            return i
+    raise RuntimeError(f"still compiling after {max_calls} calls")
+
+
 def build(config, dtype):
     return nnx.jit(lambda: InfiniteVLForConditionalGeneration(config, dtype=dtype, param_dtype=dtype,
                                                                rngs=nnx.Rngs(0)))()
 
 
+def prepared(config, dtype) -> engine.InferenceModel:
+    """A random model on the inference path (its stacked blocks converted and freed)."""
+    return engine.prepare(build(config, dtype), consume=True)
+
+
 def filled_cache(config, context, dtype, max_length=None):
+    """An empty cache whose attention slots claim the last ``context`` positions (placed like ``init_cache``'s
+    arrays, so the first step compiles the program every later step runs)."""
     cache = init_cache(config, 1, max_length=max_length, dtype=dtype)
+    put = lambda x, like: jax.device_put(jnp.asarray(x, like.dtype), like.sharding)
     layers = []
     for c in cache.layers:
         if isinstance(c, AttentionCache):
             L = c.positions.shape[-1]
             s = np.arange(L)
             pos = np.where(s < context, s, -1) if L >= context else context - L + (s - (context - L)) % L
-            c = c._replace(positions=jnp.broadcast_to(jnp.asarray(pos, jnp.int32), c.positions.shape))
+            c = c._replace(positions=put(np.broadcast_to(pos, c.positions.shape), c.positions))
         layers.append(c)
-    return cache.replace(layers=tuple(layers), length=jnp.full((1,), context, jnp.int32),
-                         next_position=jnp.full((1,), context, jnp.int32))
+    return cache.replace(layers=tuple(layers), length=put(np.full((1,), context), cache.length),
+                         next_position=put(np.full((1,), context), cache.next_position))
 
 
-def time_decode(graphdef, state, cache, steps):
-    tok = jnp.zeros((1,), jnp.int32)
+def decode_loop(m: engine.InferenceModel, cache):
+    """A closure running one greedy decode step on a held cache (donated and replaced every call)."""
+    holder = {"cache": cache, "tok": jax.device_put(jnp.zeros((1,), jnp.int32), cache.length.sharding)}
     key = jax.random.key(0)
-    tok, _, cache = engine.decode_step(graphdef, state, cache, tok, key, 0.0, 1.0, top_k=0, greedy=True)
-    tok.block_until_ready()
+
+    def step():
+        holder["tok"], _, holder["cache"] = engine.decode_step(m.graphdef, m.state, holder["cache"], holder["tok"],
+                                                               key, 0.0, 1.0, top_k=0, greedy=True)
+        return holder["tok"]
+
+    return step, holder
+
+
+def time_decode(m: engine.InferenceModel, cache, steps):
+    step, holder = decode_loop(m, cache)
+    warm(step)
     t0 = time.perf_counter()
     for _ in range(steps):
-        tok, _, cache = engine.decode_step(graphdef, state, cache, tok, key, 0.0, 1.0, top_k=0, greedy=True)
+        tok = step()
     tok.block_until_ready()
-    return (time.perf_counter() - t0) / steps * 1e3, cache
+    return (time.perf_counter() - t0) / steps * 1e3, holder["cache"]
 
 
-def param_bytes(model, language_only=True):
-    state = nnx.state(model, nnx.Param)
+def stream_loop(m: engine.InferenceModel, config, dtype, frame_px: int, k: int):
+    """A closure prefilling ``k`` frames of ``frame_px`` pixels per call (``embed_prefill_step`` for k = 1, as a
+    session does, else ``frames_prefill_step``) into a held cache. Returns ``(step, tokens per frame, holder)``."""
+    vc = config.vision
+    g = frame_px // vc.patch_size
+    grid = (1, g, g)
+    n_patch = g * g
+    pix = jnp.asarray(np.random.RandomState(0).randn(k, n_patch, vc.patch_dim), dtype)
+    layout = vision_layout(np.asarray([grid]), vc)
+    ntok = n_patch // vc.merge_unit
+    ids = jnp.full((1, ntok), config.image_token_id, jnp.int32)
+    seg = jnp.ones((1, ntok), jnp.int32)
+    holder = {"cache": engine.new_cache(m, 1), "i": 0}
+
+    def step():
+        i = holder["i"]
+        pos = np.concatenate([frame_position_ids(grid, 10, i + j, vc.spatial_merge_size) for j in range(k)], axis=1)
+        holder["i"] += k
+        if k == 1:
+            lg, holder["cache"] = engine.embed_prefill_step(
+                m.graphdef, m.state, holder["cache"], ids, {"pixel_values": pix[0], "image_layout": layout},
+                jnp.asarray(pos[:, None]), seg)
+        else:
+            lg, holder["cache"] = engine.frames_prefill_step(m.graphdef, m.state, holder["cache"], pix, layout,
+                                                             jnp.asarray(pos[:, None]))
+        return lg
+
+    return step, ntok, holder
+
+
+def param_bytes(m: engine.InferenceModel, language_only=True):
+    model = nnx.merge(m.graphdef.graphdef, jax.tree.unflatten(m.graphdef.treedef, m.state))
     total = 0
-    for path, v in nnx.to_flat_state(state):
+    for path, v in nnx.to_flat_state(nnx.state(model, nnx.Param)):
         if language_only and path[0] == "visual":
             continue
         total += v[...].nbytes
@@ -75,26 +160,30 @@ def main():
     ap.add_argument("--steps", type=int, default=20)
     ap.add_argument("--prefill", type=int, default=32768)
     ap.add_argument("--chunk", type=int, default=4096)
-    ap.add_argument("--frames", type=int, default=200)
+    ap.add_argument("--frames", type=int, default=200, help="frames timed per group size")
     ap.add_argument("--frame-px", type=int, default=448)
-    ap.add_argument("--budget-s", type=float, default=200.0)
+    ap.add_argument("--frames-per-step", default="1,4,8", help="group sizes of the streaming runs")
+    ap.add_argument("--parts", default="decode,prefill,stream,teacher", help="what to run (comma-separated)")
+    ap.add_argument("--budget-s", type=float, default=300.0)
     args = ap.parse_args()
+    parts = set(args.parts.split(","))
+    _Compiles.install()
     t_start = time.time()
     over = lambda: time.time() - t_start > args.budget_s
     dtype = jnp.float32 if args.tiny else jnp.bfloat16
     cfgs = (tiny_infinitevl(), tiny_qwen2_5_vl()) if args.tiny else (infinitevl_4b(), qwen2_5_vl_3b())
-    res = {"device": str(jax.devices()[0].device_kind), "jax": jax.__version__, "decode": {}, "teacher_decode": {}}
+    res = {"device": str(jax.devices()[0].device_kind), "jax": jax.__version__, "decode": {}, "teacher_decode": {},
+           "stream": {}}
     print(res["device"], flush=True)
 
-    model = build(cfgs[0], dtype)
-    graphdef, state = nnx.split(model)
-    pbytes = param_bytes(model)
+    m = prepared(cfgs[0], dtype)
+    pbytes = param_bytes(m)
     res["language_param_bytes"] = pbytes
-    for C in [int(c) for c in args.contexts.split(",")]:
+    for C in [int(c) for c in args.contexts.split(",")] if "decode" in parts else []:
         if over():
             break
         cache = filled_cache(cfgs[0], C, dtype)
-        ms, cache = time_decode(graphdef, state, cache, args.steps)
+        ms, cache = time_decode(m, cache, args.steps)
         floor_ms = (pbytes + cache.nbytes()) / 3.0e12 * 1e3  # H100 copy rate ~3.0 TB/s
         res["decode"][C] = {"ms": ms, "cache_bytes": cache.nbytes(), "floor_ms_h100": floor_ms}
         print(f"infinitevl decode ctx={C}: {ms:.2f} ms/token (floor {floor_ms:.2f}), cache {cache.nbytes()/1e6:.0f} MB",
@@ -102,58 +191,50 @@ def main():
         del cache
 
     # Prefill tokens/s (chunked, through the cache).
-    if not over():
+    if "prefill" in parts and not over():
         T = args.prefill
         embeds = jnp.zeros((1, T, cfgs[0].text.hidden_size), dtype)
         pos = jnp.broadcast_to(jnp.arange(T, dtype=jnp.int32)[None, None], (3, 1, T))
         seg = jnp.ones((1, T), jnp.int32)
-        for rep in range(2):
-            t0 = time.perf_counter()
-            lg, _ = engine.prefill(graphdef, state, init_cache(cfgs[0], 1, dtype=dtype), embeds, pos, seg,
-                                   chunk=args.chunk)
-            lg.block_until_ready()
-            dt = time.perf_counter() - t0
+        run = lambda: engine.prefill(m.graphdef, m.state, engine.new_cache(m, 1), embeds, pos, seg,
+                                     chunk=args.chunk)[0]
+        warm(run)
+        t0 = time.perf_counter()
+        run().block_until_ready()
+        dt = time.perf_counter() - t0
         res["prefill"] = {"tokens": T, "chunk": args.chunk, "s": dt, "tokens_per_s": T / dt}
         print(f"infinitevl prefill {T} tokens (chunk {args.chunk}): {dt:.2f} s = {T/dt:.0f} tok/s", flush=True)
 
-    # Streaming frames (each as an image).
-    if not over():
-        vc = cfgs[0].vision
-        g = args.frame_px // vc.patch_size
-        grid = (1, g, g)
-        n_patch = g * g
-        pix = jnp.asarray(np.random.RandomState(0).randn(n_patch, vc.patch_dim), dtype)
-        layout = vision_layout(np.asarray([grid]), vc)
-        cache = init_cache(cfgs[0], 1, dtype=dtype)
-        ntok = n_patch // vc.merge_unit
-        ids = jnp.full((1, ntok), cfgs[0].image_token_id, jnp.int32)
-        seg = jnp.ones((1, ntok), jnp.int32)
+    # Streaming frames (each as an image), k frames per program.
+    for k in [int(x) for x in args.frames_per_step.split(",")] if "stream" in parts else []:
+        if over():
+            break
+        step, ntok, holder = stream_loop(m, cfgs[0], dtype, args.frame_px, k)
+        warm(step)
         times, mem = [], []
-        for i in range(args.frames):
-            pos = jnp.asarray(frame_position_ids(grid, 10, i, vc.spatial_merge_size)[:, None])
+        for i in range(max(1, args.frames // k)):
             t0 = time.perf_counter()
-            lg, cache = engine.embed_prefill_step(graphdef, state, cache, ids, {"pixel_values": pix,
-                                                                                "image_layout": layout}, pos, seg)
-            lg.block_until_ready()
+            jax.block_until_ready(step())
             times.append(time.perf_counter() - t0)
-            if i % 50 == 0:
+            if i % max(1, 50 // k) == 0:
                 mem.append(sum(x.nbytes for x in jax.live_arrays()))
             if over():
                 break
-        steady = times[1:] or times
-        res["stream"] = {"frames": len(times), "tokens_per_frame": ntok, "fps": 1.0 / float(np.median(steady)),
-                         "live_bytes_every_50": mem}
-        print(f"streaming {len(times)} frames of {args.frame_px}px ({ntok} tokens): {res['stream']['fps']:.1f} FPS, "
-              f"live bytes {mem[0]/1e9:.2f} -> {mem[-1]/1e9:.2f} GB", flush=True)
-    del model, state, graphdef
+        fps = k / float(np.median(times))
+        res["stream"][k] = {"frames": len(times) * k, "frames_per_step": k, "tokens_per_frame": ntok, "fps": fps,
+                            "ms_per_frame": 1e3 / fps, "live_bytes": mem}
+        print(f"streaming {len(times) * k} frames of {args.frame_px}px ({ntok} tokens), {k} per program: "
+              f"{fps:.1f} FPS ({1e3 / fps:.2f} ms/frame), live bytes {mem[0]/1e9:.2f} -> {mem[-1]/1e9:.2f} GB",
+              flush=True)
+        del holder, step
+    del m
 
-    teacher = build(cfgs[1], dtype)
-    tg, ts = nnx.split(teacher)
-    for C in [int(c) for c in args.teacher_contexts.split(",")]:
+    teacher = prepared(cfgs[1], dtype) if "teacher" in parts else None
+    for C in [int(c) for c in args.teacher_contexts.split(",")] if teacher is not None else []:
         if over():
             break
         cache = filled_cache(cfgs[1], C, dtype, max_length=-(-(C + args.steps + 8) // 256) * 256)
-        ms, cache = time_decode(tg, ts, cache, args.steps)
+        ms, cache = time_decode(teacher, cache, args.steps)
         res["teacher_decode"][C] = {"ms": ms, "cache_bytes": cache.nbytes()}
         print(f"teacher decode ctx={C}: {ms:.2f} ms/token, cache {cache.nbytes()/1e9:.2f} GB", flush=True)
         del cache

@@ -1,13 +1,19 @@
 """Where the time goes: device-kernel profiles of the decode step, a prefill chunk, a streamed frame and a stage-II
 training step of the full-size model (random weights, bf16), summarised on the machine that ran them.
 
-Each section runs its jitted step once to compile, then a few times under ``jax.profiler`` with a Perfetto trace; the
-trace's device events are grouped by (device line, kernel/op name) and the largest are written to
-``$OUT/profile_<section>.json`` together with the wall time per step. Summaries, not traces, come back: a trace of a
-training step is tens of MB.
+Each section calls its jitted step until a call compiles nothing (at least twice), times a few calls, then runs a few
+more under ``jax.profiler`` with a Perfetto trace; the trace's device events are grouped by (device line, kernel/op
+name) and the largest are written to ``$OUT/profile_<section>.json`` together with the wall time per step. Summaries,
+not traces, come back: a trace of a training step is tens of MB.
 
-    python benchmarks/profile_steps.py --sections decode,prefill,stream,train
-    python benchmarks/profile_steps.py --tiny --sections decode,prefill,stream,train   # CPU smoke run
+The inference sections run the inference path (``engine.prepare``: per-block decoder weights): ``decode`` (one token
+at a 4096-token context), ``prefill`` (one ``--chunk`` chunk), ``stream`` (one 448 px frame per program) and
+``stream_k<K>`` for every K > 1 of ``--frames-per-step`` (K frames per program; the per-frame time is the wall time
+over K). ``swa_cache`` times ``attend_to_cache`` alone, XLA reference vs Pallas kernel, at chunk lengths 1 to 4096
+against a full 8191-slot ring (what ``PALLAS_CACHE_MIN_CHUNK`` decides between), without a trace.
+
+    python benchmarks/profile_steps.py --sections decode,prefill,stream,swa_cache,train --frames-per-step 1,8
+    python benchmarks/profile_steps.py --tiny --sections decode,prefill,stream,swa_cache,train   # CPU smoke run
 """
 
 from __future__ import annotations
@@ -25,7 +31,6 @@ import time
 import jax
 import jax.numpy as jnp
 import numpy as np
-from flax import nnx
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
@@ -33,9 +38,7 @@ import inference as bench_inf  # noqa: E402  (benchmarks/inference.py)
 import train_step as bench_train  # noqa: E402  (benchmarks/train_step.py)
 
 from infinitevl_jax.config import infinitevl_4b, tiny_infinitevl  # noqa: E402
-from infinitevl_jax.inference import engine, init_cache  # noqa: E402
-from infinitevl_jax.inference.streaming import frame_position_ids  # noqa: E402
-from infinitevl_jax.modeling.vision import vision_layout  # noqa: E402
+from infinitevl_jax.inference import engine  # noqa: E402
 
 
 def summarise_trace(log_dir: str, top: int = 40) -> dict:
@@ -77,11 +80,11 @@ def summarise_trace(log_dir: str, top: int = 40) -> dict:
     return out
 
 
-def profiled(name: str, fn, reps: int, out_dir: str) -> dict:
-    """Runs ``fn()`` (returns something to block on) to warm up, then ``reps`` times timed and ``reps`` times under the
-    profiler. Two warm-up calls: a step fed its own outputs may compile once more than a step fed fresh inputs."""
-    jax.block_until_ready(fn())
-    jax.block_until_ready(fn())
+def profiled(name: str, fn, reps: int, out_dir: str, per: int = 1) -> dict:
+    """Calls ``fn()`` (returns something to block on) until a call compiles nothing (at least twice: a step fed its own
+    outputs may compile once more than a step fed fresh inputs), then ``reps`` times timed and ``reps`` times under
+    the profiler. ``per``: items (frames) per call, for the per-item time."""
+    warmup = bench_inf.warm(fn)
     t0 = time.perf_counter()
     for _ in range(reps):
         r = fn()
@@ -97,15 +100,60 @@ def profiled(name: str, fn, reps: int, out_dir: str) -> dict:
         summary = summarise_trace(log_dir)
     except Exception as e:  # a profiler that cannot start must not lose the wall times
         summary = {"error": f"{type(e).__name__}: {str(e)[:300]}"}
-    res = {"section": name, "reps": reps, "wall_ms_per_rep": wall * 1e3, "device": jax.devices()[0].device_kind,
+    res = {"section": name, "reps": reps, "warmup_calls": warmup, "wall_ms_per_rep": wall * 1e3,
+           "items_per_rep": per, "wall_ms_per_item": wall * 1e3 / per, "device": jax.devices()[0].device_kind,
            "jax": jax.__version__, **summary}
     with open(os.path.join(out_dir, f"profile_{name}.json"), "w") as f:
         json.dump(res, f, indent=1)
-    print(f"{name}: {wall * 1e3:.2f} ms per rep", flush=True)
+    print(f"{name}: {wall * 1e3:.2f} ms per rep" + (f" = {wall * 1e3 / per:.2f} ms per item ({per} per rep, "
+                                                    f"{per / wall:.1f} per s)" if per > 1 else ""), flush=True)
     for line, us in list(res.get("lines_us", {}).items())[:6]:
         print(f"  {us / reps / 1e3:9.3f} ms/rep  {line}", flush=True)
         for row in res["top"][line][:12]:
             print(f"      {row['us'] / reps / 1e3:8.3f} ms  x{row['n'] // reps:<4} {row['name'][:110]}", flush=True)
+    return res
+
+
+def swa_cache_section(args, out_dir: str) -> dict:
+    """``attend_to_cache`` alone at InfiniteVL's SWA shape (Hq 16, Hkv 2, D 128, window 8192, bf16; tiny: the tiny
+    model's), XLA reference vs Pallas kernel, chunks of 1 to 4096 queries against a full ring."""
+    from pallas_kernels.sliding_window_attention import PALLAS_CACHE_MIN_CHUNK, attend_to_cache
+    from pallas_kernels.sliding_window_attention.cache import launch_config
+
+    hq, hkv, d, window, dtype = (4, 2, 16, 16, jnp.float32) if args.tiny else (16, 2, 128, 8192, jnp.bfloat16)
+    L = window - 1
+    gpu = jax.devices()[0].platform == "gpu"
+    rows = {}
+    for C in [1, 16, 64, 256, 1024, 4096]:
+        ks = jax.random.split(jax.random.key(C), 5)
+        q = jax.random.normal(ks[0], (1, C, hq, d), dtype)
+        k, v = (jax.random.normal(x, (1, C, hkv, d), dtype) for x in ks[1:3])
+        ck, cv = (jax.random.normal(x, (1, L, hkv, d), dtype) for x in ks[3:5])
+        cpos = jnp.arange(L, dtype=jnp.int32)[None]
+        qpos = L + jnp.arange(C, dtype=jnp.int32)[None]
+        row = {"launch_config": launch_config(C, hq // hkv)}
+        outs = {}
+        for backend in ("xla", "pallas_gpu") if gpu else ("xla",):
+            f = jax.jit(lambda *a, b=backend: attend_to_cache(*a, window=window, backend=b))
+            args_ = (q, k, v, ck, cv, cpos, qpos)
+            bench_inf.warm(lambda: f(*args_))
+            n = 20 if C < 1024 else 5
+            t0 = time.perf_counter()
+            for _ in range(n):
+                o = f(*args_)
+            o.block_until_ready()
+            row[f"{backend}_ms"] = (time.perf_counter() - t0) / n * 1e3
+            outs[backend] = np.asarray(o, np.float32)
+        if len(outs) == 2:
+            row["max_abs_diff"] = float(np.abs(outs["xla"] - outs["pallas_gpu"]).max())
+        row["auto"] = "pallas_gpu" if gpu and C >= PALLAS_CACHE_MIN_CHUNK else "xla"
+        rows[C] = row
+        print(f"swa_cache C={C}: " + ", ".join(f"{k_} {v_:.3f}" if isinstance(v_, float) else f"{k_} {v_}"
+                                              for k_, v_ in row.items()), flush=True)
+    res = {"section": "swa_cache", "device": jax.devices()[0].device_kind, "jax": jax.__version__,
+           "min_chunk": PALLAS_CACHE_MIN_CHUNK, "rows": rows}
+    with open(os.path.join(out_dir, "profile_swa_cache.json"), "w") as f:
+        json.dump(res, f, indent=1, default=str)
     return res
 
 
@@ -114,6 +162,7 @@ def main():
     ap.add_argument("--tiny", action="store_true")
     ap.add_argument("--sections", default="decode,prefill,stream,train")
     ap.add_argument("--chunk", type=int, default=4096)
+    ap.add_argument("--frames-per-step", default="1,8", help="stream sections: frames per program")
     ap.add_argument("--train-tokens", type=int, default=8192)
     ap.add_argument("--train-mode", default="stage2")
     ap.add_argument("--out", default=os.environ.get("OUT", "/tmp"))
@@ -122,54 +171,33 @@ def main():
     dtype = jnp.float32 if args.tiny else jnp.bfloat16
     config = tiny_infinitevl() if args.tiny else infinitevl_4b()
     if {"decode", "prefill", "stream"} & set(sections):
-        model = bench_inf.build(config, dtype)
-        graphdef, state = nnx.split(model)
-        del model
+        m = bench_inf.prepared(config, dtype)  # per-block decoder weights; the stacked ones are freed
         if "decode" in sections:
-            holder = {"cache": bench_inf.filled_cache(config, 4096, dtype), "tok": jnp.zeros((1,), jnp.int32)}
-            key = jax.random.key(0)
-
-            def decode():
-                holder["tok"], _, holder["cache"] = engine.decode_step(graphdef, state, holder["cache"], holder["tok"],
-                                                                       key, 0.0, 1.0, top_k=0, greedy=True)
-                return holder["tok"]
-
-            profiled("decode", decode, 10, args.out)
-            del holder
+            step, holder = bench_inf.decode_loop(m, bench_inf.filled_cache(config, 4096, dtype))
+            profiled("decode", step, 10, args.out)
+            del holder, step
         if "prefill" in sections:
             C = min(args.chunk, 64) if args.tiny else args.chunk
-            holder = {"cache": init_cache(config, 1, dtype=dtype)}
+            holder = {"cache": engine.new_cache(m, 1)}
             embeds = jnp.zeros((1, C, config.text.hidden_size), dtype)
             pos = jnp.broadcast_to(jnp.arange(C, dtype=jnp.int32)[None, None], (3, 1, C))
             seg = jnp.ones((1, C), jnp.int32)
 
             def prefill():
-                lg, holder["cache"] = engine.prefill_step(graphdef, state, holder["cache"], embeds, pos, seg)
+                lg, holder["cache"] = engine.prefill_step(m.graphdef, m.state, holder["cache"], embeds, pos, seg)
                 return lg
 
             profiled("prefill", prefill, 3, args.out)
             del holder
         if "stream" in sections:
-            vc = config.vision
-            g = (56 if args.tiny else 448) // vc.patch_size
-            grid = (1, g, g)
-            pix = jnp.asarray(np.random.RandomState(0).randn(g * g, vc.patch_dim), dtype)
-            layout = vision_layout(np.asarray([grid]), vc)
-            ntok = g * g // vc.merge_unit
-            ids = jnp.full((1, ntok), config.image_token_id, jnp.int32)
-            seg = jnp.ones((1, ntok), jnp.int32)
-            holder = {"cache": init_cache(config, 1, dtype=dtype), "i": 0}
-
-            def frame():
-                pos = jnp.asarray(frame_position_ids(grid, 10, holder["i"], vc.spatial_merge_size)[:, None])
-                holder["i"] += 1
-                lg, holder["cache"] = engine.embed_prefill_step(graphdef, state, holder["cache"], ids,
-                                                                {"pixel_values": pix, "image_layout": layout}, pos, seg)
-                return lg
-
-            profiled("stream", frame, 5, args.out)
-            del holder
-        del graphdef, state
+            px = 56 if args.tiny else 448
+            for k in [int(x) for x in args.frames_per_step.split(",")]:
+                step, _, holder = bench_inf.stream_loop(m, config, dtype, px, k)
+                profiled("stream" if k == 1 else f"stream_k{k}", step, max(2, 8 // k), args.out, per=k)
+                del holder, step
+        del m
+    if "swa_cache" in sections:
+        swa_cache_section(args, args.out)
     if "train" in sections:
         T = 128 if args.tiny else args.train_tokens
         cfg = bench_train.train_config("infinitevl", args.train_mode, T, args.tiny)
