@@ -5,7 +5,7 @@ One device call (fla 0.4.0 wheels carried in .wheels/, see PERFORMANCE.md):
   (--long '' skips T=131072, --no-fla skips fla, --xla adds our XLA backend; --smoke: tiny shapes on CPU, interpret
   mode, no fla: checks that the script runs end to end.)
 Order: correctness (bf16, T=1000, version 3 in both layouts vs the fp32 recurrence), then the A/B of the Pallas GPU
-versions (`pallas_gpu` flags: v2 = SPLIT_GRADS off, v3_xla_layout = NATIVE_LAYOUT off, v3 = default) forward and
+versions (`pallas_gpu` flags: v2 = SPLIT_GRADS off, v3_xla_layout = the default, v3 = NATIVE_LAYOUT on) forward and
 forward+backward at each length, then fla, then each kernel stage of v2 and v3 jitted alone at T=8192.
 Shapes: B=1, H=16, K=128, V=256, bf16 operands, fp32 state, q/k L2-norm inside. Times are medians of timed
 repeats after warm-up (JAX: wall clock around block_until_ready of a batch of calls; torch: CUDA events).
@@ -504,9 +504,11 @@ def main():
       report["timing"][T][key + "_ms"] = bench_jax(comp, args, *((3, 5) if big and not a.smoke else ()))
       print(f"time {key} T={T}: {report['timing'][T][key + '_ms']:.3f} ms", flush=True)
       del compiled[(T, key)]
+    default = next((n for n, flags in CONFIGS.items()
+                    if all(getattr(pallas_gpu, k) == v for k, v in flags.items())), "v3")
     for T, r in report["timing"].items():  # "ours" = the default version, else the newest that ran
       for mode in ("fwd", "fwdbwd"):
-        for c in ("v3", "v3_xla_layout", "v2"):
+        for c in (default, "v3", "v3_xla_layout", "v2"):
           c = FWD_SAME_AS.get(c, c) if mode == "fwd" and f"{c}_fwd_ms" not in r else c
           if f"{c}_{mode}_ms" in r:
             r[f"ours_{mode}_ms"], r[f"ours_{mode}_peak"], r[f"ours_{mode}_config"] = (

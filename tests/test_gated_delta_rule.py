@@ -126,23 +126,25 @@ def test_gpu_value_blocks(monkeypatch):
   check_grads("pallas_gpu", x)
 
 
-def test_gpu_layout_options():
+def test_gpu_layout_options(monkeypatch):
   """The [B, T, H, *] kernels with B, H > 1, without the q/k L2 norm and with a custom scale."""
+  from pallas_kernels.gated_delta_rule import pallas_gpu
+  monkeypatch.setattr(pallas_gpu, "NATIVE_LAYOUT", True)
   x = make_inputs(8, 2, 70, 2, 16, 16)
   check_forward("pallas_gpu", x, 1e-5, use_qk_l2norm=False, scale=0.3)
   check_grads("pallas_gpu", x, use_qk_l2norm=False, scale=0.3)
 
 
 GPU_OLD = {"version1": dict(FUSED_PREP=False), "version2": dict(SPLIT_GRADS=False),
-           "version3_xla_layout": dict(NATIVE_LAYOUT=False)}
+           "version3_native_layout": dict(NATIVE_LAYOUT=True)}
 
 
 @pytest.mark.slow
 @pytest.mark.parametrize("version", GPU_OLD)
 def test_gpu_old_versions(monkeypatch, version):
   """The older GPU paths stay correct and selectable (version 1: per-step gates and Q K^T, inverse recomputed in the
-  gradient kernel; version 2: gradient kernel with a loop over value blocks carrying [C, K] sums; version 3 with the
-  L2 norm, scale and transposes in XLA)."""
+  gradient kernel; version 2: gradient kernel with a loop over value blocks carrying [C, K] sums; version 3 reading
+  and writing [B, T, H, *] with the L2 norm and scale inside the kernels)."""
   from pallas_kernels.gated_delta_rule import pallas_gpu
   for name, value in GPU_OLD[version].items():
     monkeypatch.setattr(pallas_gpu, name, value)

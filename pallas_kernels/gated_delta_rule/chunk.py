@@ -6,9 +6,10 @@ pass for all input gradients. q/k L2-normalisation, the scale and the padding li
 JAX differentiates them; the within-chunk cumulative sum of g is inside it (the gradient kernel returns dg
 directly, which is more accurate than a reverse cumulative sum of the gradient w.r.t. the cumulative sum).
 On GPU, "pallas_gpu" runs version 3 of the kernels: the backward's serial passes also store V' and dV', read by a
-split chunk-parallel gradient kernel (`pallas_gpu.SPLIT_GRADS`), and the kernels read q, k, v and write O and all
-input gradients in the caller's [B, T, H, *] layout, with the q/k L2 norm, the scale and their VJP inside
-(`pallas_gpu.NATIVE_LAYOUT`; then `_prepare` is not used). Flags off select version 2 or 1 (`FUSED_PREP`).
+split chunk-parallel gradient kernel (`pallas_gpu.SPLIT_GRADS`). `pallas_gpu.NATIVE_LAYOUT` (off by default: slower
+when measured) makes the kernels read q, k, v and write O and all input gradients in the caller's [B, T, H, *] layout,
+with the q/k L2 norm, the scale and their VJP inside (then `_prepare` is not used). Flags off select version 2 or 1
+(`FUSED_PREP`).
 """
 
 from __future__ import annotations

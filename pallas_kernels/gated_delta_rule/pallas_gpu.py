@@ -248,8 +248,10 @@ def backward_state(q, k, w, do, gam, m, seg, dhT, *, chunk_size):
 SPLIT_GRADS = True
 # NATIVE_LAYOUT (with SPLIT_GRADS): q, k, v, O and all input gradients are read and written in the caller's
 # [B, T, H, *] layout, and the q/k L2 norm, the scale and the norm's VJP run inside the kernels (`forward_native`,
-# `backward_native`). False: `chunk._prepare` normalises, scales and transposes in XLA, as before.
-NATIVE_LAYOUT = True
+# `backward_native`). False (the default): `chunk._prepare` normalises, scales and transposes in XLA. Measured on an
+# H100 (benchmarks/gdn_kernel_notes.md): the in-kernel variant's `prep` is slower (0.64 vs 0.34 ms at T=8192) than
+# the XLA preparation plus the heads-first `prep` together, so forward and forward+backward are faster without it.
+NATIVE_LAYOUT = False
 GRAD_BK = 64  # key columns per block of the version-3 gradient kernel
 GRAD_BV = 64  # value columns per block of the version-3 gradient kernel
 GRAD_LOOP = True  # value blocks of the gradient kernel in a fori_loop (True) or unrolled
