@@ -279,6 +279,16 @@ def _forward_v3_kernel(qe_ref, kf_ref, w_ref, u_ref, p_ref, gl_ref, h0_ref, *out
   hT_ref[...] = jax.lax.fori_loop(0, NT, body, h0_ref[...].astype(jnp.float32))
 
 
+def _serial_specs(H, Tp, K, bv):
+  """BlockSpecs of the serial passes (grid: batch, head, value block) over heads-first [B*H, ...] arrays: whole rows
+  of width d, one value block of a per-token array, one value block of a [K, V] state."""
+  nh = lambda b, hh: b * H + hh
+  full = lambda d: pl.BlockSpec((None, Tp, d), lambda b, hh, j: (nh(b, hh), 0, 0))
+  cols = pl.BlockSpec((None, Tp, bv), lambda b, hh, j: (nh(b, hh), 0, j))
+  st = pl.BlockSpec((None, K, bv), lambda b, hh, j: (nh(b, hh), 0, j))
+  return nh, full, cols, st
+
+
 def forward_v3(pre, h0, *, heads, chunk_size, need_o=True, store=False, o_dtype=None):
   """Sequential state pass over `prep`'s outputs ([B*H, Tp, *]): (o [B, Tp, H, V] | None, hT [B*H, K, V] f32,
   h [B*H, NT, K, V] | None, V' [B*H, Tp, V] | None); `store` writes the states and V' (compute dtype)."""
@@ -290,10 +300,7 @@ def forward_v3(pre, h0, *, heads, chunk_size, need_o=True, store=False, o_dtype=
   C = chunk_size
   NT = Tp // C
   bv = min(BV, V)
-  nh = lambda b, hh: b * H + hh
-  full = lambda d: pl.BlockSpec((None, Tp, d), lambda b, hh, j: (nh(b, hh), 0, 0))
-  cols = pl.BlockSpec((None, Tp, bv), lambda b, hh, j: (nh(b, hh), 0, j))
-  st = pl.BlockSpec((None, K, bv), lambda b, hh, j: (nh(b, hh), 0, j))
+  nh, full, cols, st = _serial_specs(H, Tp, K, bv)
   sds = jax.ShapeDtypeStruct
   out_specs, out_shape = [st], [sds((N, K, V), jnp.float32)]
   if need_o:
@@ -340,10 +347,7 @@ def backward_state_v3(pre, do, dhT, *, chunk_size):
   C = chunk_size
   NT = Tp // C
   bv = min(BV, V)
-  nh = lambda b, hh: b * H + hh
-  full = lambda d: pl.BlockSpec((None, Tp, d), lambda b, hh, j: (nh(b, hh), 0, 0))
-  cols = pl.BlockSpec((None, Tp, bv), lambda b, hh, j: (nh(b, hh), 0, j))
-  st = pl.BlockSpec((None, K, bv), lambda b, hh, j: (nh(b, hh), 0, j))
+  nh, full, cols, st = _serial_specs(H, Tp, K, bv)
   sds = jax.ShapeDtypeStruct
   return pl.pallas_call(
       functools.partial(_backward_state_v3_kernel, C=C, NT=NT), grid=(B, H, V // bv),
