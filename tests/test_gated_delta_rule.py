@@ -177,34 +177,31 @@ def test_no_silent_fallback(backend):
   assert bwd.count("pallas_call") >= fwd.count("pallas_call") + 3
 
 
-def test_tpu_lowering():
-  """Lowers forward and backward for TPU at InfiniteVL's head shape (a lowering, not a TPU compilation)."""
+def lowered(backend, platform, H):
+  """Texts of the forward and backward lowered for ``platform`` at InfiniteVL's head dims (B=1, T=128, K=128,
+  V=256, bf16), outside interpret mode."""
   from pallas_kernels import _compat
-  B, T, H, K, V = 1, 128, 16, 128, 256
+  B, T, K, V = 1, 128, 128, 256
   sd = jax.ShapeDtypeStruct
   args = (sd((B, T, H, K), jnp.bfloat16), sd((B, T, H, K), jnp.bfloat16), sd((B, T, H, V), jnp.bfloat16),
           sd((B, T, H), jnp.float32), sd((B, T, H), jnp.bfloat16))
-  f = lambda *a: chunk_gated_delta_rule(*a, segment_ids=jnp.zeros((B, T), jnp.int32), backend="pallas_tpu")[0]
+  f = lambda *a: chunk_gated_delta_rule(*a, segment_ids=jnp.zeros((B, T), jnp.int32), backend=backend)[0]
   loss = lambda *a: jnp.sum(f(*a).astype(jnp.float32) ** 2)
   with _compat.compiled():
-    for fn in (f, jax.grad(loss, argnums=(0, 1, 2, 3, 4))):
-      text = jax.jit(fn).trace(*args).lower(lowering_platforms=("tpu",)).as_text()
-      assert "tpu_custom_call" in text
+    return tuple(jax.jit(fn).trace(*args).lower(lowering_platforms=(platform,)).as_text()
+                 for fn in (f, jax.grad(loss, argnums=(0, 1, 2, 3, 4))))
+
+
+def test_tpu_lowering():
+  """Lowers forward and backward for TPU at InfiniteVL's head shape (a lowering, not a TPU compilation)."""
+  for text in lowered("pallas_tpu", "tpu", H=16):
+    assert "tpu_custom_call" in text
 
 
 def test_gpu_lowering():
   """Lowers forward and backward through the Pallas Triton lowering at InfiniteVL's head shape (a lowering to Triton
   IR, not a compilation: shared-memory and register limits are only checked on a GPU)."""
-  from pallas_kernels import _compat
-  B, T, H, K, V = 1, 128, 4, 128, 256
-  sd = jax.ShapeDtypeStruct
-  args = (sd((B, T, H, K), jnp.bfloat16), sd((B, T, H, K), jnp.bfloat16), sd((B, T, H, V), jnp.bfloat16),
-          sd((B, T, H), jnp.float32), sd((B, T, H), jnp.bfloat16))
-  f = lambda *a: chunk_gated_delta_rule(*a, segment_ids=jnp.zeros((B, T), jnp.int32), backend="pallas_gpu")[0]
-  loss = lambda *a: jnp.sum(f(*a).astype(jnp.float32) ** 2)
-  with _compat.compiled():
-    fwd, bwd = (jax.jit(fn).trace(*args).lower(lowering_platforms=("cuda",)).as_text()
-                for fn in (f, jax.grad(loss, argnums=(0, 1, 2, 3, 4))))
+  fwd, bwd = lowered("pallas_gpu", "cuda", H=4)
   assert fwd.count("xla.gpu.triton") >= 2 and "gdn_prep" in fwd
   assert bwd.count("xla.gpu.triton") >= fwd.count("xla.gpu.triton") + 3 and "gdn_grads_v3" in bwd
 

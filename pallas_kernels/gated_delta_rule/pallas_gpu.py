@@ -43,14 +43,12 @@ def grads(q, k, v, gam, beta, m, seg, h, dh, do, *, chunk_size, a=None):
 PREP_NAMES = ("w", "u", "a", "p", "qe", "kf", "gl")
 
 
-def _prep_kernel(q_ref, k_ref, v_ref, gam_ref, beta_ref, m_ref, seg_ref, *out_refs):
-  ins = dict(q=q_ref, k=k_ref, v=v_ref, gam=gam_ref, beta=beta_ref, m=m_ref, seg=seg_ref)
+def _run_chunk_prep(out_refs, n_rows, load_rows):
+  """`chunk_math.chunk_prep` over one chunk: `load_rows(name, rows)` reads rows of an input; the results go to the
+  `PREP_NAMES` output refs (`a` as [SUB x SUB] tiles, the rest as row blocks)."""
   outs = dict(zip(PREP_NAMES, out_refs))
   S = cm.SUB
   rows = lambda b: slice(None) if b is None else pl.ds(b * S, S)
-
-  def load(name, b):
-    return ins[name][rows(b), :]
 
   def store(name, b, x):
     ref = outs[name]
@@ -59,7 +57,12 @@ def _prep_kernel(q_ref, k_ref, v_ref, gam_ref, beta_ref, m_ref, seg_ref, *out_re
     else:
       ref[rows(b), :] = x.astype(ref.dtype)
 
-  cm.chunk_prep(load, store, q_ref.shape[0])
+  cm.chunk_prep(lambda name, b: load_rows(name, rows(b)), store, n_rows)
+
+
+def _prep_kernel(q_ref, k_ref, v_ref, gam_ref, beta_ref, m_ref, seg_ref, *out_refs):
+  ins = dict(q=q_ref, k=k_ref, v=v_ref, gam=gam_ref, beta=beta_ref, m=m_ref, seg=seg_ref)
+  _run_chunk_prep(out_refs, q_ref.shape[0], lambda name, r: ins[name][r, :])
 
 
 def prep(q, k, v, gam, beta, m, seg, *, chunk_size):
@@ -483,27 +486,17 @@ def backward_split(q, k, v, gam, beta, m, seg, h0, do, dhT, *, chunk_size):
 
 def _prep_v3_kernel(q_ref, k_ref, v_ref, gam_ref, beta_ref, m_ref, seg_ref, *out_refs, scale, l2norm):
   ins = dict(q=q_ref, k=k_ref, v=v_ref, gam=gam_ref, beta=beta_ref, m=m_ref, seg=seg_ref)
-  outs = dict(zip(PREP_NAMES, out_refs))
-  cdt = outs["w"].dtype
-  S = cm.SUB
-  rows = lambda b: slice(None) if b is None else pl.ds(b * S, S)
+  cdt = out_refs[PREP_NAMES.index("w")].dtype
 
-  def load(name, b):
-    x = ins[name][rows(b), :]
+  def load(name, r):
+    x = ins[name][r, :]
     if name in ("q", "k"):  # raw rows -> normalised (and, for q, scaled) in the compute dtype
       x = x.astype(jnp.float32)
       rho = jax.lax.rsqrt(jnp.sum(x * x, axis=1, keepdims=True) + L2NORM_EPS) if l2norm else None
       return _normalise(x, rho, scale if name == "q" else None).astype(cdt)
     return x.astype(cdt if name == "v" else jnp.float32)
 
-  def store(name, b, x):
-    ref = outs[name]
-    if name == "a":
-      ref[pl.ds(b[0] * S, S), pl.ds(b[1] * S, S)] = x.astype(ref.dtype)
-    else:
-      ref[rows(b), :] = x.astype(ref.dtype)
-
-  cm.chunk_prep(load, store, q_ref.shape[0])
+  _run_chunk_prep(out_refs, q_ref.shape[0], load)
 
 
 def prep_v3(q, k, v, gam, beta, m, seg, *, chunk_size, scale, l2norm):
