@@ -216,6 +216,7 @@ class ModelAnswerer:
         self.max_new_tokens = max_new_tokens
         self.prefill_chunk = prefill_chunk
         self._processors: dict[tuple[int, int], object] = {}
+        self._prepared = None
 
     def _processor_for(self, min_pixels: int, max_pixels: int):
         key = (min_pixels, max_pixels)
@@ -273,7 +274,11 @@ class ModelAnswerer:
         from infinitevl_jax.inference import generate
 
         batch = self.collate([self.encode(p) for p in prompts])
-        tokens = generate(self.model, batch, max_new_tokens=self.max_new_tokens, prefill_chunk=self.prefill_chunk,
+        if self._prepared is None:  # once: `generate` would copy the decoder blocks into per-block arrays per batch
+            from infinitevl_jax.inference import engine
+
+            self._prepared = engine.prepare(self.model)
+        tokens = generate(self._prepared, batch, max_new_tokens=self.max_new_tokens, prefill_chunk=self.prefill_chunk,
                           stop_tokens=self.processor.stop_token_ids)
         return [self.processor.decode(t, skip_special_tokens=True).strip() for t in tokens]
 
