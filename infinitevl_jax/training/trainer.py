@@ -114,33 +114,24 @@ def initial_params(cfg: TrainConfig, mc, teacher: tuple | None, mesh: Mesh | Non
                    abstract: bool = False) -> tuple[P.ParamTree, dict]:
     """The student's starting parameters: fresh, ``init.params`` or built from the teacher. On a ``mesh`` they are
     sharded (``abstract``: only their shapes and shardings, e.g. as the target of a checkpoint restore)."""
-    if mesh is not None:
-        tree, flat = build(mc, cfg, cfg.seed, mesh=mesh, abstract=abstract or bool(cfg.init.params))
-        if abstract:
-            return tree, flat
-        if cfg.init.params:
-            loaded = checkpointing.load_params(cfg.init.params)
-            missing = sorted(set(flat) - set(loaded))
-            if missing:
-                raise ValueError(f"init.params {cfg.init.params} lacks {len(missing)} parameters, e.g. {missing[0]}")
-            flat = {k: place(loaded[k], v) for k, v in flat.items()}
-        elif cfg.init.from_teacher:
-            if teacher is None:
-                raise ValueError("init.from_teacher needs teacher.params")
-            flat = jax.jit(lambda s, t: P.init_student_from_teacher(s, mc, t, teacher[2]),
-                           out_shardings={k: v.sharding for k, v in flat.items()})(flat, teacher[1])
+    on_mesh = mesh is not None
+    abstract = abstract and on_mesh
+    tree, flat = build(mc, cfg, cfg.seed, mesh=mesh, abstract=abstract or (on_mesh and bool(cfg.init.params)))
+    if abstract:
         return tree, flat
-    tree, flat = build(mc, cfg, cfg.seed)
     if cfg.init.params:
         loaded = checkpointing.load_params(cfg.init.params)
         missing = sorted(set(flat) - set(loaded))
         if missing:
             raise ValueError(f"init.params {cfg.init.params} lacks {len(missing)} parameters, e.g. {missing[0]}")
-        flat = {k: jnp.asarray(loaded[k], flat[k].dtype) for k in flat}
+        flat = {k: place(loaded[k], v) if on_mesh else jnp.asarray(loaded[k], v.dtype) for k, v in flat.items()}
     elif cfg.init.from_teacher:
         if teacher is None:
             raise ValueError("init.from_teacher needs teacher.params")
-        flat = P.init_student_from_teacher(flat, mc, teacher[1], teacher[2])
+        init = lambda s, t: P.init_student_from_teacher(s, mc, t, teacher[2])
+        if on_mesh:
+            init = jax.jit(init, out_shardings={k: v.sharding for k, v in flat.items()})
+        flat = init(flat, teacher[1])
     return tree, flat
 
 
