@@ -1,6 +1,7 @@
 """Inference benchmark: batch-1 decode ms/token vs context (InfiniteVL vs the same code in Qwen2.5-VL-3B teacher
-mode), prefill tokens/s, streaming frames/s (one frame per program and ``--frames-per-step`` frames per program).
-Full-size random bf16 weights (``--tiny`` for a CPU smoke run).
+mode), batched decode tokens/s at one context (``--batch``), prefill tokens/s vs context (both models), streaming
+frames/s (one frame per program and ``--frames-per-step`` frames per program, every step's time kept for a
+frames/s-vs-frame-index plot). Full-size random bf16 weights (``--tiny`` for a CPU smoke run).
 
 Every timed program runs on the inference path (``engine.prepare``: per-block decoder weights) and is called until a
 call compiles nothing before the clock starts. Decode at context C uses a cache filled to C tokens (slot positions set,
@@ -10,6 +11,8 @@ table.
 
     PYTHONPATH=. python3 benchmarks/inference.py --frames-per-step 1,4,8
     PYTHONPATH=. python3 benchmarks/inference.py --parts stream --frames 96 --frames-per-step 1,4,8
+    PYTHONPATH=. python3 benchmarks/inference.py --parts batch,prefill,teacher_batch,teacher_prefill \
+        --batch 32 --batch-context 32768 --prefill-contexts 8192,32768,131072 --teacher-prefill-contexts 32768,131072
     PYTHONPATH=. python3 benchmarks/inference.py --tiny --contexts 64 --teacher-contexts 64 --prefill 256 --chunk 64 \\
         --frames 12 --frames-per-step 1,4
 """
@@ -72,10 +75,10 @@ def prepared(config, dtype) -> engine.InferenceModel:
     return engine.prepare(build(config, dtype), consume=True)
 
 
-def filled_cache(config, context, dtype, max_length=None):
-    """An empty cache whose attention slots claim the last ``context`` positions (placed like ``init_cache``'s
-    arrays, so the first step compiles the program every later step runs)."""
-    cache = init_cache(config, 1, max_length=max_length, dtype=dtype)
+def filled_cache(config, context, dtype, max_length=None, batch=1):
+    """An empty cache of ``batch`` rows whose attention slots claim the last ``context`` positions (placed like
+    ``init_cache``'s arrays, so the first step compiles the program every later step runs)."""
+    cache = init_cache(config, batch, max_length=max_length, dtype=dtype)
     put = lambda x, like: jax.device_put(jnp.asarray(x, like.dtype), like.sharding)
     layers = []
     for c in cache.layers:
@@ -85,13 +88,14 @@ def filled_cache(config, context, dtype, max_length=None):
             pos = np.where(s < context, s, -1) if L >= context else context - L + (s - (context - L)) % L
             c = c._replace(positions=put(np.broadcast_to(pos, c.positions.shape), c.positions))
         layers.append(c)
-    return cache.replace(layers=tuple(layers), length=put(np.full((1,), context), cache.length),
-                         next_position=put(np.full((1,), context), cache.next_position))
+    return cache.replace(layers=tuple(layers), length=put(np.full((batch,), context), cache.length),
+                         next_position=put(np.full((batch,), context), cache.next_position))
 
 
 def decode_loop(m: engine.InferenceModel, cache):
     """A closure running one greedy decode step on a held cache (donated and replaced every call)."""
-    holder = {"cache": cache, "tok": jax.device_put(jnp.zeros((1,), jnp.int32), cache.length.sharding)}
+    B = cache.length.shape[0]
+    holder = {"cache": cache, "tok": jax.device_put(jnp.zeros((B,), jnp.int32), cache.length.sharding)}
     key = jax.random.key(0)
 
     def step():
@@ -152,18 +156,83 @@ def param_bytes(m: engine.InferenceModel, language_only=True):
     return total
 
 
+def time_prefill(m: engine.InferenceModel, config, T: int, chunk: int, dtype, max_length=None):
+    """Seconds for a chunked prefill of ``T`` tokens (zero embeddings) into a fresh cache, after a warm-up call."""
+    embeds = jnp.zeros((1, T, config.text.hidden_size), dtype)
+    pos = jnp.broadcast_to(jnp.arange(T, dtype=jnp.int32)[None, None], (3, 1, T))
+    seg = jnp.ones((1, T), jnp.int32)
+    run = lambda: engine.prefill(m.graphdef, m.state, engine.new_cache(m, 1, max_length=max_length), embeds, pos, seg,
+                                 chunk=chunk)[0]
+    warm(run)
+    t0 = time.perf_counter()
+    run().block_until_ready()
+    return time.perf_counter() - t0
+
+
+def run_model(name, m, config, dtype, args, parts, res, over, max_length_for=None):
+    """The decode / batch / prefill parts of one model; ``max_length_for(C)`` sizes a full-attention KV cache."""
+    ml = max_length_for or (lambda C: None)
+    contexts = args.contexts if name == "infinitevl" else args.teacher_contexts
+    key = "decode" if name == "infinitevl" else "teacher_decode"
+    pbytes = param_bytes(m)
+    res.setdefault("param_bytes", {})[name] = pbytes
+    for C in [int(c) for c in contexts.split(",")] if ("decode" if name == "infinitevl" else "teacher") in parts else []:
+        if over():
+            break
+        cache = filled_cache(config, C, dtype, max_length=ml(C))
+        ms, cache = time_decode(m, cache, args.steps)
+        floor_ms = (pbytes + cache.nbytes()) / 4.0e12 * 1e3  # H200 copy rate ~4 TB/s
+        res[key][C] = {"ms": ms, "cache_bytes": cache.nbytes(), "floor_ms_h200": floor_ms}
+        print(f"{name} decode ctx={C}: {ms:.2f} ms/token (byte floor {floor_ms:.2f} at 4 TB/s), "
+              f"cache {cache.nbytes()/1e6:.0f} MB", flush=True)
+        del cache
+    prefix = "" if name == "infinitevl" else "teacher_"
+    if prefix + "batch" in parts and not over():
+        B, C = args.batch, args.batch_context
+        try:
+            cache = filled_cache(config, C, dtype, max_length=ml(C), batch=B)
+            ms, cache = time_decode(m, cache, args.steps)
+            row = {"batch": B, "context": C, "ms_per_step": ms, "tokens_per_s": B / ms * 1e3,
+                   "cache_bytes": cache.nbytes()}
+            print(f"{name} decode batch={B} ctx={C}: {ms:.2f} ms/step = {B / ms * 1e3:.0f} tokens/s, cache "
+                  f"{cache.nbytes()/1e9:.2f} GB", flush=True)
+            del cache
+        except Exception as e:  # the teacher's KV cache may not fit: that is a result
+            row = {"batch": B, "context": C, "error": f"{type(e).__name__}: {str(e).splitlines()[0][:300]}"}
+            print(f"{name} decode batch={B} ctx={C}: {row['error']}", flush=True)
+        res.setdefault("batch", {})[name] = row
+    if prefix + "prefill" in parts:
+        for T in [int(c) for c in (args.prefill_contexts if name == "infinitevl" else
+                                   args.teacher_prefill_contexts).split(",")]:
+            if over():
+                break
+            try:
+                dt = time_prefill(m, config, T, args.chunk, dtype, max_length=ml(T))
+                row = {"tokens": T, "chunk": args.chunk, "s": dt, "tokens_per_s": T / dt}
+                print(f"{name} prefill {T} tokens (chunk {args.chunk}): {dt:.2f} s = {T/dt:.0f} tok/s", flush=True)
+            except Exception as e:
+                row = {"tokens": T, "error": f"{type(e).__name__}: {str(e).splitlines()[0][:300]}"}
+                print(f"{name} prefill {T}: {row['error']}", flush=True)
+            res.setdefault(prefix + "prefill", {})[T] = row
+
+
 def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--tiny", action="store_true")
     ap.add_argument("--contexts", default="4096,32768,131072,524288")
     ap.add_argument("--teacher-contexts", default="4096,32768,131072")
     ap.add_argument("--steps", type=int, default=20)
-    ap.add_argument("--prefill", type=int, default=32768)
+    ap.add_argument("--batch", type=int, default=32, help="batch of the batched-decode part")
+    ap.add_argument("--batch-context", type=int, default=32768, help="context of the batched-decode part")
+    ap.add_argument("--prefill-contexts", default="32768", help="InfiniteVL prefill lengths")
+    ap.add_argument("--teacher-prefill-contexts", default="32768,131072", help="teacher-mode prefill lengths")
     ap.add_argument("--chunk", type=int, default=4096)
     ap.add_argument("--frames", type=int, default=200, help="frames timed per group size")
     ap.add_argument("--frame-px", type=int, default=448)
     ap.add_argument("--frames-per-step", default="1,4,8", help="group sizes of the streaming runs")
-    ap.add_argument("--parts", default="decode,prefill,stream,teacher", help="what to run (comma-separated)")
+    ap.add_argument("--parts", default="decode,prefill,stream,teacher",
+                    help="what to run (comma-separated): decode, batch, prefill, stream, teacher (decode), "
+                         "teacher_batch, teacher_prefill")
     ap.add_argument("--budget-s", type=float, default=300.0)
     args = ap.parse_args()
     parts = set(args.parts.split(","))
@@ -175,35 +244,17 @@ def main():
     res = {"device": str(jax.devices()[0].device_kind), "jax": jax.__version__, "decode": {}, "teacher_decode": {},
            "stream": {}}
     print(res["device"], flush=True)
+    out = os.environ.get("OUT") or "/tmp"
+    os.makedirs(out, exist_ok=True)
+
+    def save():
+        with open(os.path.join(out, "inference.json"), "w") as f:
+            json.dump(res, f, indent=1, default=str)
 
     m = prepared(cfgs[0], dtype)
-    pbytes = param_bytes(m)
-    res["language_param_bytes"] = pbytes
-    for C in [int(c) for c in args.contexts.split(",")] if "decode" in parts else []:
-        if over():
-            break
-        cache = filled_cache(cfgs[0], C, dtype)
-        ms, cache = time_decode(m, cache, args.steps)
-        floor_ms = (pbytes + cache.nbytes()) / 3.0e12 * 1e3  # H100 copy rate ~3.0 TB/s
-        res["decode"][C] = {"ms": ms, "cache_bytes": cache.nbytes(), "floor_ms_h100": floor_ms}
-        print(f"infinitevl decode ctx={C}: {ms:.2f} ms/token (floor {floor_ms:.2f}), cache {cache.nbytes()/1e6:.0f} MB",
-              flush=True)
-        del cache
-
-    # Prefill tokens/s (chunked, through the cache).
-    if "prefill" in parts and not over():
-        T = args.prefill
-        embeds = jnp.zeros((1, T, cfgs[0].text.hidden_size), dtype)
-        pos = jnp.broadcast_to(jnp.arange(T, dtype=jnp.int32)[None, None], (3, 1, T))
-        seg = jnp.ones((1, T), jnp.int32)
-        run = lambda: engine.prefill(m.graphdef, m.state, engine.new_cache(m, 1), embeds, pos, seg,
-                                     chunk=args.chunk)[0]
-        warm(run)
-        t0 = time.perf_counter()
-        run().block_until_ready()
-        dt = time.perf_counter() - t0
-        res["prefill"] = {"tokens": T, "chunk": args.chunk, "s": dt, "tokens_per_s": T / dt}
-        print(f"infinitevl prefill {T} tokens (chunk {args.chunk}): {dt:.2f} s = {T/dt:.0f} tok/s", flush=True)
+    res["language_param_bytes"] = param_bytes(m)
+    run_model("infinitevl", m, cfgs[0], dtype, args, parts, res, over)
+    save()
 
     # Streaming frames (each as an image), k frames per program.
     for k in [int(x) for x in args.frames_per_step.split(",")] if "stream" in parts else []:
@@ -222,26 +273,20 @@ def main():
                 break
         fps = k / float(np.median(times))
         res["stream"][k] = {"frames": len(times) * k, "frames_per_step": k, "tokens_per_frame": ntok, "fps": fps,
-                            "ms_per_frame": 1e3 / fps, "live_bytes": mem}
+                            "ms_per_frame": 1e3 / fps, "live_bytes": mem, "step_s": times}
         print(f"streaming {len(times) * k} frames of {args.frame_px}px ({ntok} tokens), {k} per program: "
-              f"{fps:.1f} FPS ({1e3 / fps:.2f} ms/frame), live bytes {mem[0]/1e9:.2f} -> {mem[-1]/1e9:.2f} GB",
-              flush=True)
+              f"{fps:.1f} FPS ({1e3 / fps:.2f} ms/frame; slowest step {max(times) * 1e3 / k:.2f} ms/frame), "
+              f"live bytes {mem[0]/1e9:.2f} -> {mem[-1]/1e9:.2f} GB", flush=True)
         del holder, step
+        save()
     del m
 
-    teacher = prepared(cfgs[1], dtype) if "teacher" in parts else None
-    for C in [int(c) for c in args.teacher_contexts.split(",")] if teacher is not None else []:
-        if over():
-            break
-        cache = filled_cache(cfgs[1], C, dtype, max_length=-(-(C + args.steps + 8) // 256) * 256)
-        ms, cache = time_decode(teacher, cache, args.steps)
-        res["teacher_decode"][C] = {"ms": ms, "cache_bytes": cache.nbytes()}
-        print(f"teacher decode ctx={C}: {ms:.2f} ms/token, cache {cache.nbytes()/1e9:.2f} GB", flush=True)
-        del cache
-    out = os.environ.get("OUT") or "/tmp"
-    with open(os.path.join(out, "inference.json"), "w") as f:
-        json.dump(res, f, indent=1, default=str)
-    print(json.dumps(res, default=str))
+    if parts & {"teacher", "teacher_batch", "teacher_prefill"}:
+        teacher = prepared(cfgs[1], dtype)
+        run_model("teacher", teacher, cfgs[1], dtype, args, parts, res, over,
+                  max_length_for=lambda C: -(-(C + args.steps + 8) // 256) * 256)
+    save()
+    print(json.dumps({k: v for k, v in res.items() if k != "stream"}, default=str))
 
 
 if __name__ == "__main__":

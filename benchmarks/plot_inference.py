@@ -1,5 +1,6 @@
 """Plots of an inference benchmark run: decode ms/token vs context (InfiniteVL, teacher mode, and the PyTorch
-baseline's points when given) and streaming frames/s per frames-per-program.
+baseline's points when given), prefill tokens/s vs context, and streaming frames/s vs frame index (one line per
+frames-per-program setting; bars of the median when per-step times were not kept).
 
     python benchmarks/plot_inference.py RESULTS.json [--torch TORCH.json] --out decode.png
 """
@@ -22,27 +23,54 @@ def main():
     import matplotlib.pyplot as plt
 
     r = json.load(open(args.results))
-    fig, (ax, bx) = plt.subplots(1, 2, figsize=(11, 4))
-    for key, label in (("decode", "InfiniteVL"), ("teacher_decode", "Qwen2.5-VL-3B teacher mode (same code)")):
+    fig, (ax, px, bx) = plt.subplots(1, 3, figsize=(16, 4))
+    for key, label, color in (("decode", "InfiniteVL", "C0"),
+                              ("teacher_decode", "Qwen2.5-VL-3B teacher mode (same code)", "C1")):
         pts = sorted((int(c), v["ms"]) for c, v in r.get(key, {}).items())
         if pts:
-            ax.plot(*zip(*pts), marker="o", label=label)
+            ax.plot(*zip(*pts), marker="o", label=label, color=color)
     if args.torch:
         t = json.load(open(args.torch))
         pts = sorted((int(c), v["decode_ms_per_token"]) for c, v in t["contexts"].items())
-        ax.plot(*zip(*pts), marker="s", linestyle="--", label="transformers generate (sdpa)")
+        ax.plot(*zip(*pts), marker="s", linestyle="--", label="transformers generate (sdpa)", color="C2")
     ax.set_xscale("log", base=2)
     ax.set_xlabel("context (tokens)")
     ax.set_ylabel("batch-1 decode ms/token")
     ax.set_title(f"decode, {r.get('device', '')}")
     ax.legend(fontsize=8)
     ax.grid(alpha=0.3)
-    stream = sorted((int(k), v["fps"]) for k, v in r.get("stream", {}).items())
-    if stream:
-        bx.bar([str(k) for k, _ in stream], [f for _, f in stream])
-        bx.axhline(100, color="r", linestyle=":", label="target 100 FPS")
+    for key, label, color in (("prefill", "InfiniteVL", "C0"), ("teacher_prefill", "teacher mode (same code)", "C1")):
+        rows = r.get(key, {})
+        rows = {rows["tokens"]: rows} if "tokens" in rows else rows  # older files: one prefill row
+        pts = sorted((int(c), v["tokens_per_s"]) for c, v in rows.items() if "tokens_per_s" in v)
+        if pts:
+            px.plot(*zip(*pts), marker="o", label=label, color=color)
+    if args.torch:
+        pts = sorted((int(c), v["prefill_tokens_per_s"]) for c, v in t["contexts"].items()
+                     if "prefill_tokens_per_s" in v)
+        if pts:
+            px.plot(*zip(*pts), marker="s", linestyle="--", label="transformers generate, 1 token (sdpa)", color="C2")
+    px.set_xscale("log", base=2)
+    px.set_xlabel("prompt length (tokens)")
+    px.set_ylabel("prefill tokens/s")
+    px.set_title("prefill, batch 1")
+    px.legend(fontsize=8)
+    px.grid(alpha=0.3)
+    stream = sorted((int(k), v) for k, v in r.get("stream", {}).items())
+    if stream and all("step_s" in v for _, v in stream):
+        for k, v in stream:
+            steps = v["step_s"]
+            frames = [(i + 1) * k for i in range(len(steps))]
+            bx.plot(frames, [k / s for s in steps], linewidth=0.8, label=f"{k} frame(s) per program")
+        bx.set_xlabel("frame index")
+        bx.set_ylabel("frames/s (448x448, 256 tokens each)")
+        bx.set_ylim(bottom=0)
+    elif stream:
+        bx.bar([str(k) for k, _ in stream], [v["fps"] for _, v in stream])
         bx.set_xlabel("frames per program")
         bx.set_ylabel("frames/s (448x448, 256 tokens each)")
+    if stream:
+        bx.axhline(100, color="r", linestyle=":", label="target 100 FPS")
         bx.set_title("streaming")
         bx.legend(fontsize=8)
     fig.tight_layout()
