@@ -2,7 +2,10 @@
 baseline's points when given), prefill tokens/s vs context, and streaming frames/s vs frame index (one line per
 frames-per-program setting; bars of the median when per-step times were not kept).
 
-    python benchmarks/plot_inference.py RESULTS.json [--torch TORCH.json] --out decode.png
+    python benchmarks/plot_inference.py RESULTS.json [MORE.json ...] [--torch TORCH.json] --out decode.png
+
+Several results files (separate calls of ``benchmarks/inference.py`` with different ``--parts``) are merged, later
+files adding to and overriding earlier ones section by section.
 """
 
 from __future__ import annotations
@@ -13,7 +16,7 @@ import json
 
 def main():
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("results", help="inference.json written by benchmarks/inference.py")
+    ap.add_argument("results", nargs="+", help="inference.json files written by benchmarks/inference.py")
     ap.add_argument("--torch", help="inference_torch.json written by benchmarks/inference_torch.py")
     ap.add_argument("--out", default="inference.png")
     args = ap.parse_args()
@@ -22,7 +25,15 @@ def main():
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    r = json.load(open(args.results))
+    r = {}
+    for path in args.results:
+        for key, value in json.load(open(path)).items():
+            if key.endswith("prefill") and isinstance(value, dict) and "tokens" in value:
+                value = {str(value["tokens"]): value}  # older files: one prefill row
+            if isinstance(value, dict) and isinstance(r.get(key), dict):
+                r[key] = {**r[key], **value}
+            else:
+                r[key] = value
     fig, (ax, px, bx) = plt.subplots(1, 3, figsize=(16, 4))
     for key, label, color in (("decode", "InfiniteVL", "C0"),
                               ("teacher_decode", "Qwen2.5-VL-3B teacher mode (same code)", "C1")):
@@ -40,9 +51,7 @@ def main():
     ax.legend(fontsize=8)
     ax.grid(alpha=0.3)
     for key, label, color in (("prefill", "InfiniteVL", "C0"), ("teacher_prefill", "teacher mode (same code)", "C1")):
-        rows = r.get(key, {})
-        rows = {rows["tokens"]: rows} if "tokens" in rows else rows  # older files: one prefill row
-        pts = sorted((int(c), v["tokens_per_s"]) for c, v in rows.items() if "tokens_per_s" in v)
+        pts = sorted((int(c), v["tokens_per_s"]) for c, v in r.get(key, {}).items() if "tokens_per_s" in v)
         if pts:
             px.plot(*zip(*pts), marker="o", label=label, color=color)
     if args.torch:

@@ -167,6 +167,7 @@ def main():
     ap.add_argument("--train-mode", default="stage2")
     ap.add_argument("--out", default=os.environ.get("OUT", "/tmp"))
     args = ap.parse_args()
+    os.makedirs(args.out, exist_ok=True)
     sections = args.sections.split(",")
     dtype = jnp.float32 if args.tiny else jnp.bfloat16
     config = tiny_infinitevl() if args.tiny else infinitevl_4b()
