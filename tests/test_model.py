@@ -140,3 +140,21 @@ def test_traced_program_does_not_grow_with_depth():
         fwd = lambda s, i, p: nnx.merge(graphdef, s).forward(i, position_ids=p)
         sizes.append(len(jax.make_jaxpr(fwd)(state, ids, pos).jaxpr.eqns))
     assert sizes[0] == sizes[1], sizes
+
+
+@pytest.mark.parametrize("shape", [(1, 1, 48), (1, 48), (2, 1, 48), (3, 5, 48)])
+def test_single_row_products_run_as_two_row_gemms(shape, monkeypatch):
+    import jax.numpy as jnp
+
+    from infinitevl_jax.modeling import layers
+
+    lin = layers.linear(48, 40, ("embed", "mlp"), use_bias=True, rngs=nnx.Rngs(0))
+    x = jax.random.normal(jax.random.key(3), shape)
+    want = x @ lin.kernel[...] + lin.bias[...]
+    np.testing.assert_allclose(lin(x), want, rtol=1e-6, atol=1e-6)
+    dots = [e for e in jax.make_jaxpr(lin)(x).jaxpr.eqns if e.primitive.name == "dot_general"]
+    rows = int(np.prod(shape[:-1]))
+    assert [tuple(e.invars[0].aval.shape) for e in dots] == [(2, 48) if rows == 1 else shape]
+    monkeypatch.setattr(layers, "SINGLE_ROW_AS_TWO", False)
+    dots = [e for e in jax.make_jaxpr(lambda x: lin(x))(x).jaxpr.eqns if e.primitive.name == "dot_general"]
+    assert [tuple(e.invars[0].aval.shape) for e in dots] == [shape]

@@ -12,6 +12,7 @@ import pytest
 from pallas_kernels.sliding_window_attention import (
     attend_to_cache,
     attend_to_cache_reference,
+    attend_to_cache_xla,
     attention_blockwise,
     attention_reference,
     choose_backend,
@@ -96,13 +97,31 @@ def test_window_one_is_identity_on_values():
   np.testing.assert_allclose(o, jnp.repeat(v, 2, axis=2), rtol=1e-6)
 
 
-def test_row_without_keys_is_finite():
+@pytest.mark.parametrize("attend", [attend_to_cache_reference, attend_to_cache_xla], ids=["reference", "xla"])
+def test_row_without_keys_is_finite(attend):
   # a query row that sees nothing (only possible through the cache path) must give zeros
   q, k, v, _, _ = draw("empty", 1, 1, 2, 1, 8)
   pos = jnp.array([[-1]], jnp.int32)
   cache_k, cache_v, cache_pos = init_ring_buffer(1, 4, 1, 8, jnp.float32)
-  o = attend_to_cache_reference(q, k, v, cache_k, cache_v, cache_pos, pos, window=4)
+  o = attend(q, k, v, cache_k, cache_v, cache_pos, pos, window=4)
   assert np.all(np.asarray(o) == 0.0)
+
+
+@pytest.mark.parametrize("dtype,tol", [(jnp.float32, 1e-6), (jnp.bfloat16, 2e-2)])
+def test_cache_xla_matches_reference_on_a_partly_filled_ring(dtype, tol):
+  # one decode query and a 3-token chunk against a ring holding stale, valid and empty slots
+  b, L, hq, hkv, d = 2, 9, 4, 2, 16
+  ks = jax.random.split(jax.random.key(7), 5)
+  ck, cv = (jax.random.normal(x, (b, L, hkv, d), dtype) for x in ks[:2])
+  cpos = jnp.asarray([[0, 1, 2, 3, 4, 5, 6, -1, -1], [9, 10, 2, 3, 4, 5, 6, 7, 8]], jnp.int32)
+  for c, qpos in ((1, [[7], [11]]), (3, [[7, 8, -1], [11, 12, 13]])):
+    q = jax.random.normal(ks[2], (b, c, hq, d), dtype)
+    k, v = (jax.random.normal(x, (b, c, hkv, d), dtype) for x in ks[3:5])
+    qpos = jnp.asarray(qpos, jnp.int32)
+    for window in (5, None):
+      want = attend_to_cache_reference(q, k, v, ck, cv, cpos, qpos, window=window)
+      got = attend_to_cache_xla(q, k, v, ck, cv, cpos, qpos, window=window)
+      assert rel(got, want) <= tol
 
 
 @pytest.mark.parametrize("window", [11])
@@ -239,11 +258,11 @@ def run_chunks(attend, q, k, v, window, length, chunk):
 
 
 @pytest.mark.parametrize("chunk", [1, 7, 64])
-@pytest.mark.parametrize("impl", ["reference", "pallas"])
+@pytest.mark.parametrize("impl", ["reference", "xla", "pallas"])
 def test_chunked_cache_equals_full_sequence(chunk, impl):
   window, t = 6, 70  # buffer of 5 slots: 14 full wraps; two chunks of 64
-  attend = attend_to_cache_reference if impl == "reference" else functools.partial(
-      attend_to_cache_pallas, block_k=16, interpret=True)
+  attend = {"reference": attend_to_cache_reference, "xla": attend_to_cache_xla,
+            "pallas": functools.partial(attend_to_cache_pallas, block_k=16, interpret=True)}[impl]
   q, k, v, _, _ = draw(f"cache{chunk}{impl}", 2, t, 4, 2, 8)
   full = attention_reference(q, k, v, window=window)
   assert rel(run_chunks(attend, q, k, v, window, window - 1, chunk), full) <= 1e-5

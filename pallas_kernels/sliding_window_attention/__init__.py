@@ -11,6 +11,7 @@ from pallas_kernels.sliding_window_attention.attention import (
 )
 from pallas_kernels.sliding_window_attention.cache import (
     attend_to_cache_reference,
+    attend_to_cache_xla,
     init_ring_buffer,
 )
 from pallas_kernels.sliding_window_attention.reference import (
@@ -23,6 +24,7 @@ __all__ = [
     "PALLAS_CACHE_MIN_CHUNK",
     "attend_to_cache",
     "attend_to_cache_reference",
+    "attend_to_cache_xla",
     "attention_blockwise",
     "attention_reference",
     "choose_backend",

@@ -98,15 +98,16 @@ def attend_to_cache(q, k, v, cache_k, cache_v, cache_positions, q_positions, *, 
   """Attention of a chunk ``q [B,C,Hq,D]`` (keys ``k, v [B,C,Hkv,D]``) against a ring-buffer
   cache ``cache_k, cache_v [B,L,Hkv,D]`` with slot positions ``cache_positions [B,L]`` (-1 empty)
   and query positions ``q_positions [B,C]`` (-1 padding). See ``cache.py`` for the rule.
-  ``backend``: ``"auto"`` (``choose_cache_backend``), ``"xla"`` or ``"pallas_gpu"``."""
+  ``backend``: ``"auto"`` (``choose_cache_backend``), ``"xla"`` (``attend_to_cache_xla``: the reference's
+  math without copying the cache) or ``"pallas_gpu"``."""
   if backend == "auto":
     backend = choose_cache_backend(q.shape[1])
   if backend == "pallas_gpu":
     return _cache.attend_to_cache_pallas(q, k, v, cache_k, cache_v, cache_positions, q_positions,
                                          window=window, scale=scale)
   if backend == "xla":
-    return _cache.attend_to_cache_reference(q, k, v, cache_k, cache_v, cache_positions,
-                                            q_positions, window=window, scale=scale)
+    return _cache.attend_to_cache_xla(q, k, v, cache_k, cache_v, cache_positions, q_positions,
+                                      window=window, scale=scale)
   raise ValueError(f"unknown attend_to_cache backend {backend!r}; expected auto, xla, pallas_gpu")
 
 

@@ -44,6 +44,39 @@ def attend_to_cache_reference(q, k, v, cache_k, cache_v, cache_positions, q_posi
   return o.reshape(b, c, hq, d).astype(q.dtype)
 
 
+def attend_to_cache_xla(q, k, v, cache_k, cache_v, cache_positions, q_positions, *, window, scale=None):
+  """Same result as the reference without concatenating the cache and the chunk.
+
+  The reference's ``[cache | chunk]`` keys are a copy of the whole ring buffer per call (for decode, 2 x 4 MB per
+  layer at the 4B model's window, to attend with one query). Here the two parts get their own logits and share one
+  softmax: a joint row maximum and denominator, then ``p_cache @ cache_v + p_chunk @ v``. Float32 softmax; a row
+  with no visible key gives zeros.
+  """
+  b, c, hq, d = q.shape
+  hkv = k.shape[2]
+  if hq % hkv or cache_k.shape[2] != hkv or cache_k.shape[3] != d:
+    raise ValueError(f"shapes do not fit: q {q.shape}, k {k.shape}, cache_k {cache_k.shape}")
+  scale = d ** -0.5 if scale is None else scale
+  q_positions = q_positions.astype(jnp.int32)
+  qg = q.reshape(b, c, hkv, hq // hkv, d)
+  parts = []
+  for keys, vals, kpos, inclusive in ((cache_k, cache_v, cache_positions.astype(jnp.int32), False),
+                                      (k, v, q_positions, True)):
+    s = jnp.einsum("bqhgd,bkhd->bhgqk", qg, keys.astype(q.dtype), preferred_element_type=jnp.float32,
+                   precision=lax.Precision.HIGHEST) * scale
+    mask = visible(q_positions, kpos, window, inclusive=inclusive)[:, None, None]
+    parts.append((jnp.where(mask, s, -jnp.inf), vals))
+  m = jnp.maximum(*(jnp.max(s, axis=-1, keepdims=True) for s, _ in parts))
+  m = jnp.where(jnp.isfinite(m), m, 0.0)  # rows with no visible key
+  ps = [jnp.exp(s - m) for s, _ in parts]
+  l = sum(jnp.sum(p, axis=-1, keepdims=True) for p in ps)
+  inv = 1.0 / jnp.where(l == 0.0, 1.0, l)
+  o = sum(jnp.einsum("bhgqk,bkhd->bqhgd", (p * inv).astype(vals.dtype) if vals.dtype != jnp.float32 else p * inv,
+                     vals, preferred_element_type=jnp.float32, precision=lax.Precision.HIGHEST)
+          for p, (_, vals) in zip(ps, parts))
+  return o.reshape(b, c, hq, d).astype(q.dtype)
+
+
 def ring_buffer_write(cache_k, cache_v, cache_positions, k, v, positions):
   """Write each valid new token (``positions >= 0``) into slot ``position % L``.
 
