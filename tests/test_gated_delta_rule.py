@@ -222,3 +222,108 @@ def test_grid(backend, T, init, resets, gate):
   check_grads(backend, x)
   xb = make_inputs(seed + 1, 1, T, 2, 32, 16, gate=gate, resets=resets, init=init, dtype=jnp.bfloat16)
   check_forward(backend, xb, 2e-2)
+
+
+# ---------------------------------------------------------------- one-token decode kernel (Pallas GPU)
+
+def decode_inputs(seed, B, H, K, V, *, gate, dtype=jnp.float32):
+  """One token (q, k, v, g, beta [B, 1, H, *]) and a state [B, H, K, V], drawn with NumPy (no per-shape compiles);
+  gates as `make_inputs`."""
+  rng = np.random.default_rng(seed)
+  normal = lambda *shape: rng.standard_normal(shape, np.float32)
+  a = normal(B, 1, H)
+  sig = lambda x: 1.0 / (1.0 + np.exp(-x))
+  g = {"near0": -0.01 * sig(a), "strong": -2.0 - 3.0 * sig(a), "mixed": -np.logaddexp(0.0, a)}[gate]
+  cast = lambda x: jnp.asarray(x, dtype)
+  return (cast(normal(B, 1, H, K)), cast(normal(B, 1, H, K)), cast(normal(B, 1, H, V)), jnp.asarray(g, jnp.float32),
+          cast(sig(normal(B, 1, H))), jnp.asarray(normal(B, H, K, V)))
+
+
+def max_rel(a, b):
+  a, b = np.asarray(a, np.float64), np.asarray(b, np.float64)
+  return float(np.max(np.abs(a - b)) / max(np.max(np.abs(b)), 1e-30))
+
+
+@functools.lru_cache(maxsize=None)
+def _decode_fns():
+  """Jitted kernel (interpret mode), XLA step and float32 recurrence, shared by the tests of one worker."""
+  from pallas_kernels.gated_delta_rule.decode_gpu import decode_step_gpu
+  from pallas_kernels.gated_delta_rule.fused_recurrent import decode_step
+  f32 = lambda a: a.astype(jnp.float32)
+  kernel = jax.jit(lambda q, k, v, g, b, s: decode_step_gpu(q, k, v, g, b, initial_state=s, interpret=True))
+  xla = jax.jit(lambda q, k, v, g, b, s: decode_step(q, k, v, g, b, initial_state=s, output_final_state=True))
+  naive = jax.jit(lambda q, k, v, g, b, s: naive_recurrent_gated_delta_rule(
+      f32(q), f32(k), f32(v), g, f32(b), initial_state=s, output_final_state=True))
+  return kernel, xla, naive
+
+
+@pytest.mark.parametrize("B,H,K,V", [(B, H, K, V) for B in (1, 2) for H in (1, 3) for K in (16, 128)
+                                     for V in (32, 256)])
+def test_gpu_decode_interpret(B, H, K, V):
+  """The decode kernel (interpret mode) against the XLA `decode_step` and the float32 token recurrence, with
+  gates near 0 and strongly negative, float32 and bfloat16 inputs (the state is float32 in all)."""
+  kernel, xla, naive = _decode_fns()
+  for gate in ("near0", "strong"):
+    for dtype, tol in ((jnp.float32, 1e-5), (jnp.bfloat16, 2e-2)):
+      x = decode_inputs(zlib.crc32(repr((B, H, K, V, gate)).encode()), B, H, K, V, gate=gate, dtype=dtype)
+      o, s = kernel(*x)
+      assert o.shape == (B, 1, H, V) and o.dtype == dtype and s.shape == (B, H, K, V) and s.dtype == jnp.float32
+      for ref in (xla, naive):
+        o_r, s_r = ref(*x)
+        for got, want in ((o, o_r), (s, s_r)):
+          assert rel(got, want) <= tol, (gate, dtype, rel(got, want))
+          if got.dtype == jnp.float32:  # float32 outputs: also elementwise (relative to the largest entry)
+            assert max_rel(got, want) <= 1e-5, (gate, dtype, max_rel(got, want))
+
+
+def test_gpu_decode_dispatch_and_options():
+  """T = 1 with a state runs the kernel for backend "pallas_gpu" only; options and gradients follow `decode_step`."""
+  from pallas_kernels.gated_delta_rule.fused_recurrent import decode_backend, decode_step
+  q, k, v, g, beta, h0 = decode_inputs(11, 1, 2, 16, 16, gate="mixed")  # V < BV
+
+  def jaxpr(backend, state=h0, T=1):
+    rep = lambda x: jnp.concatenate([x] * T, axis=1)
+    return str(jax.make_jaxpr(lambda *a: fused_recurrent_gated_delta_rule(
+        *a, initial_state=state, output_final_state=True, backend=backend))(rep(q), rep(k), rep(v), rep(g), rep(beta)))
+
+  assert "pallas_call" in jaxpr("pallas_gpu")
+  for backend in ("xla", "pallas_tpu", "auto"):  # "auto" on a CPU host: the XLA step
+    assert "pallas_call" not in jaxpr(backend), backend
+  assert "pallas_call" not in jaxpr("pallas_gpu", state=None) and "pallas_call" not in jaxpr("pallas_gpu", T=2)
+  with pytest.raises(ValueError, match="does not support"):
+    decode_backend("pallas_gpu", 48, 64)
+  assert decode_backend("auto", 48, 64) == "xla"
+
+  # no L2 norm, explicit scale, no final state (interpreted on a CPU host; the default options: the tests above)
+  kw = dict(scale=0.3, use_qk_l2norm=False)
+  o, s = jax.jit(lambda *a: fused_recurrent_gated_delta_rule(*a, initial_state=h0, backend="pallas_gpu", **kw))(
+      q, k, v, g, beta)
+  o_x, _ = jax.jit(lambda *a: decode_step(*a, initial_state=h0, **kw))(q, k, v, g, beta)
+  assert s is None and max_rel(o, o_x) <= 1e-5
+
+  # reverse mode through the XLA step's VJP
+  def loss(backend, *a):
+    o, s = fused_recurrent_gated_delta_rule(*a[:5], initial_state=a[5], output_final_state=True, backend=backend)
+    return jnp.sum(o * jnp.sin(o + 1.0)) + jnp.sum(s * jnp.cos(s))
+
+  args = (q, k, v, g, beta, h0)
+  got = jax.jit(jax.grad(functools.partial(loss, "pallas_gpu"), argnums=tuple(range(6))))(*args)
+  want = jax.jit(jax.grad(functools.partial(loss, "xla"), argnums=tuple(range(6))))(*args)
+  for n, a, b in zip(ARGNAMES, got, want):
+    assert rel(a, b) <= 1e-5, (n, rel(a, b))
+
+
+def test_gpu_decode_lowering():
+  """Lowers one decode step through the Pallas Triton lowering at InfiniteVL's decode shape (B=1, H=16, K=128,
+  V=256, bf16 operands, float32 state): one Triton call, state output aliased to the state input."""
+  from pallas_kernels import _compat
+  B, H, K, V = 1, 16, 128, 256
+  sd = jax.ShapeDtypeStruct
+  args = (sd((B, 1, H, K), jnp.bfloat16), sd((B, 1, H, K), jnp.bfloat16), sd((B, 1, H, V), jnp.bfloat16),
+          sd((B, 1, H), jnp.float32), sd((B, 1, H), jnp.bfloat16), sd((B, H, K, V), jnp.float32))
+  f = lambda q, k, v, g, b, s: fused_recurrent_gated_delta_rule(q, k, v, g, b, initial_state=s,
+                                                                output_final_state=True, backend="pallas_gpu")
+  with _compat.compiled():
+    text = jax.jit(f, donate_argnums=5).trace(*args).lower(lowering_platforms=("cuda",)).as_text()
+  assert text.count("xla.gpu.triton") == 1 and "gdn_decode" in text
+  assert "output_operand_alias<output_tuple_indices = [1], operand_index = 5" in text

@@ -2,9 +2,32 @@
 
 from __future__ import annotations
 
+import jax
 import jax.numpy as jnp
 
+from . import chunk, decode_gpu
 from .naive import l2norm, naive_recurrent_gated_delta_rule
+
+
+def decode_backend(backend, K, V, scale=None) -> str:
+  """The implementation of one decode step: "pallas_gpu" (`decode_gpu`) or "xla" (`decode_step`).
+
+  "pallas_gpu" asks for the kernel (ValueError for head dims it does not take). "auto" takes it where the chunked
+  function's "auto" picks its GPU kernels (a CUDA GPU with compute capability >= 8.0; asked for bfloat16 operands,
+  since the decode kernel's float32 work does not depend on the operand dtype) and the head dims fit. "xla" and
+  "pallas_tpu" (no TPU decode kernel) run the XLA step, as does a traced (non-static) scale.
+  """
+  if backend not in chunk.BACKENDS:
+    raise ValueError(f"backend must be one of {chunk.BACKENDS}, got {backend!r}")
+  static_scale = not isinstance(scale, jax.core.Tracer)  # the kernel takes the scale as a constant
+  if backend == "pallas_gpu":
+    if not decode_gpu.supported(K, V):
+      raise ValueError(f"pallas_gpu decode does not support K={K}, V={V}")
+    return "pallas_gpu" if static_scale else "xla"
+  if (backend == "auto" and static_scale and decode_gpu.supported(K, V)
+      and chunk.resolve_backend("auto", K, V, 64, jnp.bfloat16) == "pallas_gpu"):
+    return "pallas_gpu"
+  return "xla"
 
 
 def fused_recurrent_gated_delta_rule(q, k, v, g, beta, *, scale=None, initial_state=None,
@@ -16,13 +39,19 @@ def fused_recurrent_gated_delta_rule(q, k, v, g, beta, *, scale=None, initial_st
   v [B, T, H, V], g, beta [B, T, H], initial_state [B, H, K, V] float32, segment_ids [B, T]; returns
   (o [B, T, H, V] in v.dtype, final_state [B, H, K, V] float32 or None).
 
-  T = 1 (decode) is `decode_step`: two passes over the [K, V] float32 state instead of one per operation of the
-  recurrence. Longer inputs run the float32 `lax.scan` of the oracle. Every backend takes these XLA paths (backend
-  is accepted for signature parity with the chunked function). Differentiable by JAX autodiff.
+  T = 1 (decode) with an initial state runs one Pallas Triton kernel (`decode_gpu.decode_step_gpu`: one read and
+  one in-place write of the state) where `decode_backend` picks "pallas_gpu": backend "pallas_gpu", or "auto" on a
+  CUDA GPU with compute capability >= 8.0. Otherwise T = 1 is the XLA `decode_step` (two passes over the [K, V]
+  float32 state); "pallas_tpu" takes this XLA path too (no TPU decode kernel). Longer inputs run the float32
+  `lax.scan` of the oracle on every backend. Differentiable in reverse mode (JAX autodiff; the kernel path through
+  a custom VJP that differentiates the XLA `decode_step`, the kernel itself being forward only).
   """
-  del backend
   if q.shape[1] == 1:
     # One token: no segment reset can happen (a reset needs a previous token in the input).
+    if initial_state is not None and decode_backend(backend, q.shape[-1], v.shape[-1], scale) == "pallas_gpu":
+      o, s = decode_gpu.decode_step_gpu(q, k, v, g, beta, scale=scale, initial_state=initial_state,
+                                        use_qk_l2norm=use_qk_l2norm)
+      return o, (s if output_final_state else None)
     return decode_step(q, k, v, g, beta, scale=scale, initial_state=initial_state,
                        output_final_state=output_final_state, use_qk_l2norm=use_qk_l2norm)
   return naive_recurrent_gated_delta_rule(q, k, v, g, beta, scale=scale, initial_state=initial_state,
