@@ -267,11 +267,10 @@ GRAD_WARPS = 8  # num_warps of the version-3 gradient kernel
 def _walk(NT, body, init, seg_len=None, seg_axis=2, reverse=False):
   """`fori_loop` of `body(c, carry)` over the chunk indices c (descending with `reverse`): all NT chunks, or with
   `seg_len` only the chunks of segment s = program_id(seg_axis), [s L, min((s + 1) L, NT)) (dynamic trip count)."""
-  if seg_len is None:
-    c0, n = 0, NT
-  else:
-    c0 = pl.program_id(seg_axis) * seg_len
-    n = jnp.minimum(seg_len, NT - c0)
+  if seg_len is None:  # as before SEG_CHUNKS existed
+    return jax.lax.fori_loop(0, NT, (lambda i, x: body(NT - 1 - i, x)) if reverse else body, init)
+  c0 = pl.program_id(seg_axis) * seg_len
+  n = jnp.minimum(seg_len, NT - c0)
   if reverse:
     return jax.lax.fori_loop(0, n, lambda i, x: body(c0 + n - 1 - i, x), init)
   return jax.lax.fori_loop(0, n, lambda i, x: body(c0 + i, x), init)
