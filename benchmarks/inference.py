@@ -116,7 +116,7 @@ def time_decode(m: engine.InferenceModel, cache, steps):
     return (time.perf_counter() - t0) / steps * 1e3, holder["cache"]
 
 
-def stream_loop(m: engine.InferenceModel, config, dtype, frame_px: int, k: int):
+def stream_loop(m: engine.InferenceModel, config, dtype, frame_px: int, k: int, vision_attention: str = "grid"):
     """A closure prefilling ``k`` frames of ``frame_px`` pixels per call (``embed_prefill_step`` for k = 1, as a
     session does, else ``frames_prefill_step``) into a held cache. Returns ``(step, tokens per frame, holder)``."""
     vc = config.vision
@@ -124,7 +124,7 @@ def stream_loop(m: engine.InferenceModel, config, dtype, frame_px: int, k: int):
     grid = (1, g, g)
     n_patch = g * g
     pix = jnp.asarray(np.random.RandomState(0).randn(k, n_patch, vc.patch_dim), dtype)
-    layout = vision_layout(np.asarray([grid]), vc)
+    layout = vision_layout(np.asarray([grid]), vc, attention=vision_attention)
     ntok = n_patch // vc.merge_unit
     ids = jnp.full((1, ntok), config.image_token_id, jnp.int32)
     seg = jnp.ones((1, ntok), jnp.int32)
@@ -230,6 +230,8 @@ def main():
     ap.add_argument("--frames", type=int, default=200, help="frames timed per group size")
     ap.add_argument("--frame-px", type=int, default=448)
     ap.add_argument("--frames-per-step", default="1,4,8", help="group sizes of the streaming runs")
+    ap.add_argument("--vision-attention", default="grid", choices=("grid", "dense"),
+                    help="vision-tower attention of the streaming runs: blocks fitted to the frame grid, or dense")
     ap.add_argument("--parts", default="decode,prefill,stream,teacher",
                     help="what to run (comma-separated): decode, batch, prefill, stream, teacher (decode), "
                          "teacher_batch, teacher_prefill")
@@ -260,7 +262,7 @@ def main():
     for k in [int(x) for x in args.frames_per_step.split(",")] if "stream" in parts else []:
         if over():
             break
-        step, ntok, holder = stream_loop(m, cfgs[0], dtype, args.frame_px, k)
+        step, ntok, holder = stream_loop(m, cfgs[0], dtype, args.frame_px, k, args.vision_attention)
         warm(step)
         times, mem = [], []
         for i in range(max(1, args.frames // k)):
@@ -273,7 +275,8 @@ def main():
                 break
         fps = k / float(np.median(times))
         res["stream"][k] = {"frames": len(times) * k, "frames_per_step": k, "tokens_per_frame": ntok, "fps": fps,
-                            "ms_per_frame": 1e3 / fps, "live_bytes": mem, "step_s": times}
+                            "ms_per_frame": 1e3 / fps, "live_bytes": mem, "step_s": times,
+                            "vision_attention": args.vision_attention}
         print(f"streaming {len(times) * k} frames of {args.frame_px}px ({ntok} tokens), {k} per program: "
               f"{fps:.1f} FPS ({1e3 / fps:.2f} ms/frame; slowest step {max(times) * 1e3 / k:.2f} ms/frame), "
               f"live bytes {mem[0]/1e9:.2f} -> {mem[-1]/1e9:.2f} GB", flush=True)
