@@ -40,7 +40,7 @@ def main():
     saved = layers.SINGLE_ROW_AS_TWO
     try:
         for rep in range(args.reps):
-            for two_rows, gdn in ((True, "auto"), (False, "auto"), (True, "xla"), (False, "xla")):
+            for two_rows, gdn in ((True, "auto"), (False, "auto"), (True, "xla"), (False, "xla")):  # True: also on CPU
                 layers.SINGLE_ROW_AS_TWO = two_rows
                 jax.clear_caches()
                 with ops.use_backends(gdn=gdn):

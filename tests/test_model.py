@@ -148,6 +148,7 @@ def test_single_row_products_run_as_two_row_gemms(shape, monkeypatch):
 
     from infinitevl_jax.modeling import layers
 
+    monkeypatch.setattr(layers, "SINGLE_ROW_AS_TWO", True)
     lin = layers.linear(48, 40, ("embed", "mlp"), use_bias=True, rngs=nnx.Rngs(0))
     x = jax.random.normal(jax.random.key(3), shape)
     want = x @ lin.kernel[...] + lin.bias[...]

@@ -14,14 +14,21 @@ _INIT = nnx.initializers.normal(0.02)
 # compiler rewrites a vector-matrix product whose operands hold fewer than 10M elements (q/k/v/o-sized weights of the
 # 4B model) into an elementwise multiply and a reduction, which writes the whole [in, out] product to memory and reads
 # it back; a two-row product stays a GEMM that reads the weight once. The extra row costs no extra weight traffic.
-SINGLE_ROW_AS_TWO = True
+# "gpu": only when the default backend is a GPU; True / False: always / never.
+SINGLE_ROW_AS_TWO: bool | str = "gpu"
+
+
+def _two_rows() -> bool:
+    if SINGLE_ROW_AS_TWO == "gpu":
+        return jax.default_backend() == "gpu"
+    return bool(SINGLE_ROW_AS_TWO)
 
 
 def dot_general(lhs, rhs, dimension_numbers, precision=None, preferred_element_type=None, **kwargs):
     """``jax.lax.dot_general`` for ``nnx.Linear`` (``x [..., in] @ kernel [in, out]``), with one input row padded to
     two (``SINGLE_ROW_AS_TWO``). Results are those of the plain product."""
     (lc, rc), (lb, rb) = dimension_numbers
-    plain = not SINGLE_ROW_AS_TWO or rhs.ndim != 2 or lb or rb or tuple(lc) != (lhs.ndim - 1,) or tuple(rc) != (0,)
+    plain = not _two_rows() or rhs.ndim != 2 or lb or rb or tuple(lc) != (lhs.ndim - 1,) or tuple(rc) != (0,)
     if plain or math.prod(lhs.shape[:-1]) != 1:
         return jax.lax.dot_general(lhs, rhs, dimension_numbers, precision=precision,
                                    preferred_element_type=preferred_element_type, **kwargs)
