@@ -6,7 +6,8 @@ One device call (fla 0.4.0 wheels carried in .wheels/, see PERFORMANCE.md):
   mode, no fla: checks that the script runs end to end.)
 Order: correctness (bf16, T=2000, every A/B config vs the fp32 recurrence; the two-level-chain configs also with weak
 gates), then the A/B of the Pallas GPU versions (`pallas_gpu` flags, CONFIGS: v2 = SPLIT_GRADS off, v3_xla_layout =
-the default, v3 = NATIVE_LAYOUT on, v3_bv32 = serial passes in 32-column programs, v3_seg<L>[_bv32|_ns2] = two-level
+the default (serial passes in 32-column programs since run 6), v3 = NATIVE_LAYOUT on, v3_bv64 = 64-column programs (the default
+before), v3_seg<L>[_bv32|_ns2] = two-level (64-column programs unless _bv32)
 chain with SEG_CHUNKS = L [and BV=32 | SEG_STAGES=2]; --configs picks, default DEFAULT_AB) forward and
 forward+backward at each length, then fla, then each kernel stage of v2 and v3 (and the block-size and two-level
 variants) jitted alone at T=8192.
@@ -46,19 +47,19 @@ B, H, K, V = 1, 16, 128, 256
 REPS, INNER = 5, 10  # bench_jax defaults (--smoke: 1, 1)
 
 # Pallas GPU versions compared in one run (module flags of pallas_gpu, read when a function is traced).
-_V3 = dict(FUSED_PREP=True, SPLIT_GRADS=True, NATIVE_LAYOUT=False, BV=64, SEG_CHUNKS=0, SEG_STAGES=1)
+_V3 = dict(FUSED_PREP=True, SPLIT_GRADS=True, NATIVE_LAYOUT=False, BV=32, SEG_CHUNKS=0, SEG_STAGES=1)
 CONFIGS = {
     "v2": dict(_V3, SPLIT_GRADS=False),
     "v3_xla_layout": dict(_V3),  # the default configuration
     "v3": dict(_V3, NATIVE_LAYOUT=True),
     # version 4 candidates on top of the default: serial passes in 32-column programs; two-level chain (SEG_CHUNKS)
-    "v3_bv32": dict(_V3, BV=32),
-    "v3_seg8": dict(_V3, SEG_CHUNKS=8),
-    "v3_seg16": dict(_V3, SEG_CHUNKS=16),
+    "v3_bv64": dict(_V3, BV=64),  # the default until run 6
+    "v3_seg8": dict(_V3, SEG_CHUNKS=8, BV=64),
+    "v3_seg16": dict(_V3, SEG_CHUNKS=16, BV=64),
     "v3_seg16_bv32": dict(_V3, SEG_CHUNKS=16, BV=32),
-    "v3_seg16_ns2": dict(_V3, SEG_CHUNKS=16, SEG_STAGES=2),  # segmented kernels with 2 pipeline stages
+    "v3_seg16_ns2": dict(_V3, SEG_CHUNKS=16, SEG_STAGES=2, BV=64),  # segmented kernels with 2 pipeline stages
 }
-DEFAULT_AB = ("v3_xla_layout", "v3_bv32", "v3_seg16", "v3_seg16_bv32", "v3_seg16_ns2")  # --configs default
+DEFAULT_AB = ("v3_xla_layout", "v3_bv64", "v3_seg16", "v3_seg16_bv32")  # --configs default
 FWD_SAME_AS = {"v3_xla_layout": "v2"}  # identical forward kernels: timed once
 
 
@@ -315,10 +316,10 @@ def stage_times(T, out=None, left=lambda: 1e9, seg=16):
         except Exception:  # noqa: BLE001  (recorded; the other stages go on)
           pass
     states = lambda p, h: pallas_gpu.forward_v3(p, h, heads=H, need_o=False, store=True, chunk_size=C)[1:]
-    with gpu_flags(BV=32):
-      stage("v3_fwd_state_bv32", lambda *a: fwd(*a), pre, h0)
-      stage("v3_fwd_states_only_store_bv32", states, pre, h0)
-      stage("v3_bwd_state_bv32", lambda *a: bwd(*a)[:2], pre, do, hT)
+    with gpu_flags(BV=64):  # the default before run 6 (the plain v3 stages run the current default, 32)
+      stage("v3_fwd_state_bv64", lambda *a: fwd(*a), pre, h0)
+      stage("v3_fwd_states_only_store_bv64", states, pre, h0)
+      stage("v3_bwd_state_bv64", lambda *a: bwd(*a)[:2], pre, do, hT)
     # two-level chain (SEG_CHUNKS): each serial pass whole, then its phases alone
     for bv in (64, 32):
       tag = f"seg{seg}" + ("" if bv == 64 else f"_bv{bv}")

@@ -210,7 +210,7 @@ def test_gpu_lowering():
 # segment of L chunks its transition and local end state, then the chain over segments, then each segment again from
 # its start state). Resets per T placed so that some segment transitions are far from zero (a reset inside a chunk
 # zeroes that chunk's transition) and the initial state still reaches the first tokens; weak gates carry the state.
-SERIAL_OPTIONS = {"bv32": dict(BV=32), "seg1": dict(SEG_CHUNKS=1), "seg2_bv32": dict(SEG_CHUNKS=2, BV=32)}
+SERIAL_OPTIONS = {"bv64": dict(BV=64), "seg1": dict(SEG_CHUNKS=1), "seg2_bv64": dict(SEG_CHUNKS=2, BV=64)}
 SERIAL_RESETS = {63: (20,), 65: (64,), 300: (30, 290)}
 
 
@@ -227,7 +227,7 @@ def test_gpu_serial_options(monkeypatch, option, T):
   check_grads("pallas_gpu", x)
 
 
-@pytest.mark.parametrize("flags", [dict(BV=32), dict(SEG_CHUNKS=1), dict(SEG_CHUNKS=1, BV=32)], ids=str)
+@pytest.mark.parametrize("flags", [dict(BV=64), dict(SEG_CHUNKS=1), dict(SEG_CHUNKS=1, BV=64)], ids=str)
 def test_gpu_lowering_serial_options(monkeypatch, flags):
   """Forward and backward of each serial-pass option lower to Triton IR at H=16, K=128, V=256 (T=128: two chunks, so
   SEG_CHUNKS=1 gives two segments)."""

@@ -19,7 +19,9 @@ from . import chunk_math as cm
 from . import pallas_common
 from .naive import L2NORM_EPS
 
-BV = 64  # value columns per program of the sequential passes (32: twice the programs, see SEG_CHUNKS too)
+# Value columns per program of the sequential passes. 32 (twice the programs of 64 on the H100's 132 SMs): 3-9%
+# faster end to end at T=8192-32768 in the same device call (gdn_kernel_notes.md, run 6).
+BV = 32
 # Version 2 (default): `prep` hoists all state-independent work (tiled inverse, Q K^T * D, gate columns) into one
 # chunk-parallel kernel, the serial passes read it, and the gradient kernel reuses the stored A. False selects
 # version 1 (wu + forward/backward_state that recompute the gates and Q K^T per step, inverse recomputed in grads).
