@@ -25,14 +25,19 @@ from jax.experimental.pallas import triton as plgpu
 from pallas_kernels.sliding_window_attention.reference import masked_softmax_attention, visible
 
 
-def attend_to_cache_reference(q, k, v, cache_k, cache_v, cache_positions, q_positions, *,
-                              window, scale=None):
-  """Pure-JAX oracle: one masked softmax over [cache slots | chunk keys]."""
+def _check_cache_shapes(q, k, cache_k, scale):
+  """``(b, c, hq, d, hkv, scale)`` of a chunk-against-cache call; a ValueError naming the shapes if they do not fit."""
   b, c, hq, d = q.shape
   hkv = k.shape[2]
   if hq % hkv or cache_k.shape[2] != hkv or cache_k.shape[3] != d:
     raise ValueError(f"shapes do not fit: q {q.shape}, k {k.shape}, cache_k {cache_k.shape}")
-  scale = d ** -0.5 if scale is None else scale
+  return b, c, hq, d, hkv, d ** -0.5 if scale is None else scale
+
+
+def attend_to_cache_reference(q, k, v, cache_k, cache_v, cache_positions, q_positions, *,
+                              window, scale=None):
+  """Pure-JAX oracle: one masked softmax over [cache slots | chunk keys]."""
+  b, c, hq, d, hkv, scale = _check_cache_shapes(q, k, cache_k, scale)
   cache_positions = cache_positions.astype(jnp.int32)
   q_positions = q_positions.astype(jnp.int32)
   m_cache = visible(q_positions, cache_positions, window, inclusive=False)  # [B,C,L]
@@ -52,11 +57,7 @@ def attend_to_cache_xla(q, k, v, cache_k, cache_v, cache_positions, q_positions,
   softmax: a joint row maximum and denominator, then ``p_cache @ cache_v + p_chunk @ v``. Float32 softmax; a row
   with no visible key gives zeros.
   """
-  b, c, hq, d = q.shape
-  hkv = k.shape[2]
-  if hq % hkv or cache_k.shape[2] != hkv or cache_k.shape[3] != d:
-    raise ValueError(f"shapes do not fit: q {q.shape}, k {k.shape}, cache_k {cache_k.shape}")
-  scale = d ** -0.5 if scale is None else scale
+  b, c, hq, d, hkv, scale = _check_cache_shapes(q, k, cache_k, scale)
   q_positions = q_positions.astype(jnp.int32)
   qg = q.reshape(b, c, hkv, hq // hkv, d)
   parts = []
