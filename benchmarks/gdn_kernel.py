@@ -4,13 +4,11 @@ One device call (fla 0.4.0 wheels carried in .wheels/, see PERFORMANCE.md):
   XLA_PYTHON_CLIENT_PREALLOCATE=false python3 benchmarks/gdn_kernel.py --out $OUT
   (--long '' skips T=131072, --no-fla skips fla, --xla adds our XLA backend; --smoke: tiny shapes on CPU, interpret
   mode, no fla: checks that the script runs end to end.)
-Order: correctness (bf16, T=2000, every A/B config vs the fp32 recurrence; the two-level-chain configs also with weak
-gates), then the A/B of the Pallas GPU versions (`pallas_gpu` flags, CONFIGS: v2 = SPLIT_GRADS off, v3_xla_layout =
-the default (serial passes in 32-column programs since run 6), v3 = NATIVE_LAYOUT on, v3_bv64 = 64-column programs (the default
-before), v3_seg<L>[_bv32|_ns2] = two-level (64-column programs unless _bv32)
-chain with SEG_CHUNKS = L [and BV=32 | SEG_STAGES=2]; --configs picks, default DEFAULT_AB) forward and
-forward+backward at each length, then fla, then each kernel stage of v2 and v3 (and the block-size and two-level
-variants) jitted alone at T=8192.
+Order: correctness (bf16, T=2000, every A/B config vs the fp32 recurrence), then the A/B of the Pallas GPU versions
+(`pallas_gpu` flags, CONFIGS: v2 = SPLIT_GRADS off, v3_xla_layout = the default (serial passes in 32-column programs
+since run 6), v3 = NATIVE_LAYOUT on, v3_bv64 = 64-column programs (the default before); --configs picks, default
+DEFAULT_AB) forward and forward+backward at each length, then fla, then each kernel stage of v2 and v3 (and the
+block-size variants) jitted alone at T=8192.
 Shapes: B=1, H=16, K=128, V=256, bf16 operands, fp32 state, q/k L2-norm inside. Times are medians of timed
 repeats after warm-up (JAX: wall clock around block_until_ready of a batch of calls; torch: CUDA events).
 Peak memory: JAX from the compiled executable's memory analysis (arguments + outputs + temporaries); fla from
@@ -47,19 +45,14 @@ B, H, K, V = 1, 16, 128, 256
 REPS, INNER = 5, 10  # bench_jax defaults (--smoke: 1, 1)
 
 # Pallas GPU versions compared in one run (module flags of pallas_gpu, read when a function is traced).
-_V3 = dict(FUSED_PREP=True, SPLIT_GRADS=True, NATIVE_LAYOUT=False, BV=32, SEG_CHUNKS=0, SEG_STAGES=1)
+_V3 = dict(FUSED_PREP=True, SPLIT_GRADS=True, NATIVE_LAYOUT=False, BV=32)
 CONFIGS = {
     "v2": dict(_V3, SPLIT_GRADS=False),
     "v3_xla_layout": dict(_V3),  # the default configuration
     "v3": dict(_V3, NATIVE_LAYOUT=True),
-    # version 4 candidates on top of the default: serial passes in 32-column programs; two-level chain (SEG_CHUNKS)
-    "v3_bv64": dict(_V3, BV=64),  # the default until run 6
-    "v3_seg8": dict(_V3, SEG_CHUNKS=8, BV=64),
-    "v3_seg16": dict(_V3, SEG_CHUNKS=16, BV=64),
-    "v3_seg16_bv32": dict(_V3, SEG_CHUNKS=16, BV=32),
-    "v3_seg16_ns2": dict(_V3, SEG_CHUNKS=16, SEG_STAGES=2, BV=64),  # segmented kernels with 2 pipeline stages
+    "v3_bv64": dict(_V3, BV=64),  # serial passes in 64-column programs: the default until run 6
 }
-DEFAULT_AB = ("v3_xla_layout", "v3_bv64", "v3_seg16", "v3_seg16_bv32")  # --configs default
+DEFAULT_AB = ("v3_xla_layout", "v3_bv64")  # --configs default
 FWD_SAME_AS = {"v3_xla_layout": "v2"}  # identical forward kernels: timed once
 
 
@@ -113,50 +106,40 @@ def compiled_peak(comp):
     return None
 
 
-def correctness(report, dtypes=(jnp.bfloat16,), configs=("v3", "v3_xla_layout"), T=1000, weak=()):
-  """Ours vs the fp32 recurrence (run under highest matmul precision), with resets and an initial state; configs in
-  `weak` also with weak gates and no resets (g / 50: the state carries across many chunks, so the two-level chain's
-  segment transitions are far from zero)."""
+def correctness(report, dtypes=(jnp.bfloat16,), configs=("v3", "v3_xla_layout"), T=1000):
+  """Ours vs the fp32 recurrence (run under highest matmul precision), with resets and an initial state."""
   for dtype in dtypes:
-    _correctness(report, dtype, configs, T, False)
-    if weak:
-      _correctness(report, dtype, [c for c in configs if c in weak], T, True)
+    tols = {jnp.dtype(jnp.float32): 1e-3, jnp.dtype(jnp.bfloat16): 2e-2}
+    tol = tols[jnp.dtype(dtype)]
+    (q, k, v, g, beta), seg = inputs(1, T, dtype, resets=True)
+    h0 = jax.random.normal(jax.random.PRNGKey(9), (B, H, K, V), jnp.float32)
+    f32 = lambda x: x.astype(jnp.float32)
+    with jax.default_matmul_precision("highest"):
+      ref = jax.jit(lambda *a: naive_recurrent_gated_delta_rule(*a, initial_state=h0, output_final_state=True,
+                                                                segment_ids=seg))(*map(f32, (q, k, v, g, beta)))
+      do = jax.random.normal(jax.random.PRNGKey(3), ref[0].shape, jnp.float32)
 
+      def ref_loss(*a):
+        o, s = naive_recurrent_gated_delta_rule(*a, initial_state=h0, output_final_state=True, segment_ids=seg)
+        return jnp.sum(o * do) + jnp.sum(s)
+      gref = jax.jit(jax.grad(ref_loss, argnums=(0, 1, 2, 3, 4)))(*map(f32, (q, k, v, g, beta)))
 
-def _correctness(report, dtype, configs, T, weak):
-  tols = {jnp.dtype(jnp.float32): 1e-3, jnp.dtype(jnp.bfloat16): 2e-2}
-  tol = tols[jnp.dtype(dtype)]
-  (q, k, v, g, beta), seg = inputs(1, T, dtype, resets=not weak)
-  if weak:
-    g = g / 50.0
-  h0 = jax.random.normal(jax.random.PRNGKey(9), (B, H, K, V), jnp.float32)
-  f32 = lambda x: x.astype(jnp.float32)
-  with jax.default_matmul_precision("highest"):
-    ref = jax.jit(lambda *a: naive_recurrent_gated_delta_rule(*a, initial_state=h0, output_final_state=True,
-                                                              segment_ids=seg))(*map(f32, (q, k, v, g, beta)))
-    do = jax.random.normal(jax.random.PRNGKey(3), ref[0].shape, jnp.float32)
-
-    def ref_loss(*a):
-      o, s = naive_recurrent_gated_delta_rule(*a, initial_state=h0, output_final_state=True, segment_ids=seg)
-      return jnp.sum(o * do) + jnp.sum(s)
-    gref = jax.jit(jax.grad(ref_loss, argnums=(0, 1, 2, 3, 4)))(*map(f32, (q, k, v, g, beta)))
-
-  def loss(*a):
-    o, s = chunk_gated_delta_rule(*a, initial_state=h0, output_final_state=True, segment_ids=seg,
-                                  backend="pallas_gpu")
-    return jnp.sum(o.astype(jnp.float32) * do) + jnp.sum(s)
-  for config in configs:
-    with gpu_flags(**CONFIGS[config]):  # traced (first call) inside: the flags select the kernels
-      o, s = jax.jit(lambda *a: chunk_gated_delta_rule(*a, initial_state=h0, output_final_state=True,
-                                                       segment_ids=seg, backend="pallas_gpu"))(q, k, v, g, beta)
-      gr = jax.jit(jax.grad(loss, argnums=(0, 1, 2, 3, 4)))(q, k, v, g, beta)
-    errs = {"o": rel(o, ref[0]), "state": rel(s, ref[1])}
-    errs.update({f"d{n}": rel(a, b) for n, a, b in zip("q k v g beta".split(), gr, gref)})
-    ok = all(np.isfinite(e) and e <= tol for e in errs.values())
-    report.append({"backend": "pallas_gpu", "config": config, "dtype": jnp.dtype(dtype).name, "T": T, "tol": tol,
-                   "gates": "weak" if weak else "default", "ok": ok, **errs})
-    print(f"correctness {config:14s} {jnp.dtype(dtype).name:8s} {'weak' if weak else '':4s} ok={ok} " +
-          " ".join(f"{n}={e:.2e}" for n, e in errs.items()), flush=True)
+    def loss(*a):
+      o, s = chunk_gated_delta_rule(*a, initial_state=h0, output_final_state=True, segment_ids=seg,
+                                    backend="pallas_gpu")
+      return jnp.sum(o.astype(jnp.float32) * do) + jnp.sum(s)
+    for config in configs:
+      with gpu_flags(**CONFIGS[config]):  # traced (first call) inside: the flags select the kernels
+        o, s = jax.jit(lambda *a: chunk_gated_delta_rule(*a, initial_state=h0, output_final_state=True,
+                                                         segment_ids=seg, backend="pallas_gpu"))(q, k, v, g, beta)
+        gr = jax.jit(jax.grad(loss, argnums=(0, 1, 2, 3, 4)))(q, k, v, g, beta)
+      errs = {"o": rel(o, ref[0]), "state": rel(s, ref[1])}
+      errs.update({f"d{n}": rel(a, b) for n, a, b in zip("q k v g beta".split(), gr, gref)})
+      ok = all(np.isfinite(e) and e <= tol for e in errs.values())
+      report.append({"backend": "pallas_gpu", "config": config, "dtype": jnp.dtype(dtype).name, "T": T, "tol": tol,
+                     "ok": ok, **errs})
+      print(f"correctness {config:14s} {jnp.dtype(dtype).name:8s} ok={ok} " +
+            " ".join(f"{n}={e:.2e}" for n, e in errs.items()), flush=True)
 
 
 def compile_case(T, backend, fwd_bwd, config=None):
@@ -253,11 +236,10 @@ def fla_worker(lengths, out, flags):
 
 # ---------------------------------------------------------------- stages
 
-def stage_times(T, out=None, left=lambda: 1e9, seg=16):
+def stage_times(T, out=None, left=lambda: 1e9):
   """Where our time goes: each stage of the custom VJP jitted alone (bf16, T tokens), version 3 then version 2.
 
   Fills and returns `out` (stage -> ms, or a string saying why not); stops early when `left()` (seconds) runs low.
-  `seg`: SEG_CHUNKS of the two-level chain's stages.
   v3_* stages are the default path (NATIVE_LAYOUT: raw [B, T, H, *] inputs); v2_* the previous one.
   """
   out = {} if out is None else out
@@ -320,20 +302,6 @@ def stage_times(T, out=None, left=lambda: 1e9, seg=16):
       stage("v3_fwd_state_bv64", lambda *a: fwd(*a), pre, h0)
       stage("v3_fwd_states_only_store_bv64", states, pre, h0)
       stage("v3_bwd_state_bv64", lambda *a: bwd(*a)[:2], pre, do, hT)
-    # two-level chain (SEG_CHUNKS): each serial pass whole, then its phases alone
-    for bv in (64, 32):
-      tag = f"seg{seg}" + ("" if bv == 64 else f"_bv{bv}")
-      with gpu_flags(SEG_CHUNKS=seg, BV=bv):
-        stage(f"v3_fwd_state_{tag}", lambda *a: fwd(*a), pre, h0)
-        stage(f"v3_fwd_states_only_store_{tag}", states, pre, h0)
-        stage(f"v3_bwd_state_{tag}", lambda *a: bwd(*a)[:2], pre, do, hT)
-        if bv == 64:
-          loc = stage(f"{tag}_phase1_local", lambda p: pallas_gpu._seg_local(
-              p, None, h0.shape, heads=H, chunk_size=C, seg_len=seg), pre)
-          stage(f"{tag}_phase2_combine", lambda lc, h: pallas_gpu._seg_combine(
-              lc, h, heads=H, reverse=False, split=True), loc, h0)
-          stage(f"{tag}_phase1_local_bwd", lambda p, d: pallas_gpu._seg_local(
-              p, d, h0.shape, heads=H, chunk_size=C, seg_len=seg), pre, do)
 
   def v2():
     with gpu_flags(**CONFIGS["v2"]):
@@ -472,17 +440,12 @@ def main():
   lengths = [int(t) for t in a.lengths.split(",") if t]
   longs = [int(t) for t in a.long.split(",") if t]
   configs = [c for c in a.configs.split(",") if c]
-  corr_T = 2000  # 32 chunks: two segments of SEG_CHUNKS = 16
-  seg = 16
+  corr_T = 2000
   if a.smoke:
     B, H, K, V = 1, 2, 32, 32
     REPS = INNER = 1
     lengths, longs, corr_T, a.stages, a.no_fla = [128, 256], [], 130, 256, True
-    seg = 1  # the two-level chain only engages where there is more than one segment
-    a.budget = max(a.budget, 1500.0)  # interpret mode on CPU: ~10 min for every config and stage
-    for c in CONFIGS.values():
-      if c.get("SEG_CHUNKS"):
-        c["SEG_CHUNKS"] = 1
+    a.budget = max(a.budget, 1500.0)  # interpret mode on CPU: minutes for every config and stage
   os.makedirs(a.out, exist_ok=True)
   if a.fla_worker:
     return fla_worker(lengths + longs, a.out, a.flags)
@@ -491,7 +454,7 @@ def main():
   dev = jax.devices()[0]
   info = {"device": dev.device_kind, "jax": jax.__version__, "shape": dict(B=B, H=H, K=K, V=V),
           "bv": pallas_gpu.BV, "grad_bk": pallas_gpu.GRAD_BK, "grad_bv": pallas_gpu.GRAD_BV,
-          "grad_loop": pallas_gpu.GRAD_LOOP, "grad_warps": pallas_gpu.GRAD_WARPS, "seg_chunks": pallas_gpu.SEG_CHUNKS,
+          "grad_loop": pallas_gpu.GRAD_LOOP, "grad_warps": pallas_gpu.GRAD_WARPS,
           "configs": {c: CONFIGS[c] for c in configs}, "default": "v3", "smoke": a.smoke}
   print(info, flush=True)
   report = {"info": info, "t0": t0, "correctness": [], "timing": {T: {"T": T} for T in lengths}, "stages": {},
@@ -524,8 +487,7 @@ def main():
       print(f"[{name}] {time.perf_counter() - t:.1f} s, {left():.0f} s left", flush=True)
 
   section("correctness bf16", 60,
-          lambda: correctness(report["correctness"], configs=[c for c in configs if c != "v2"], T=corr_T,
-                              weak=[c for c in configs if CONFIGS[c].get("SEG_CHUNKS")]))
+          lambda: correctness(report["correctness"], configs=[c for c in configs if c != "v2"], T=corr_T))
   compiled = {}
 
   def compile_one(T, key, backend, fb, config=None):
@@ -584,7 +546,7 @@ def main():
   if fla_running():
     worker.kill()
   if a.stages:
-    section(f"stages T={a.stages}", 60, lambda: stage_times(a.stages, report["stages"], lambda: left() - 20, seg))
+    section(f"stages T={a.stages}", 60, lambda: stage_times(a.stages, report["stages"], lambda: left() - 20))
     print(f"stages (ms) at T={a.stages}:", {k: (round(v, 3) if isinstance(v, float) else v)
                                             for k, v in report["stages"].items()}, flush=True)
   for T in longs:

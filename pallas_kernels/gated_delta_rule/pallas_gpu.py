@@ -111,9 +111,6 @@ def forward_pre(pre, h0, store, need_o=True, *, chunk_size):
   V = u.shape[-1]
   C = chunk_size
   NT = Tp // C
-  if need_o and not store and _seg_len(NT):  # the two-level chain (SEG_CHUNKS), version 3's kernels with H = 1
-    o, hT, _, _ = forward_v3(pre, h0, heads=1, need_o=True, chunk_size=C)
-    return o[:, :, 0, :], hT, None
   bv = min(BV, V)
   full = lambda d: pl.BlockSpec((None, Tp, d), lambda n, j: (n, 0, 0))
   cols = pl.BlockSpec((None, Tp, bv), lambda n, j: (n, 0, j))
@@ -266,23 +263,10 @@ GRAD_LOOP = True  # value blocks of the gradient kernel in a fori_loop (True) or
 GRAD_WARPS = 8  # num_warps of the version-3 gradient kernel
 
 
-def _walk(NT, body, init, seg_len=None, seg_axis=2, reverse=False):
-  """`fori_loop` of `body(c, carry)` over the chunk indices c (descending with `reverse`): all NT chunks, or with
-  `seg_len` only the chunks of segment s = program_id(seg_axis), [s L, min((s + 1) L, NT)) (dynamic trip count)."""
-  if seg_len is None:  # as before SEG_CHUNKS existed
-    return jax.lax.fori_loop(0, NT, (lambda i, x: body(NT - 1 - i, x)) if reverse else body, init)
-  c0 = pl.program_id(seg_axis) * seg_len
-  n = jnp.minimum(seg_len, NT - c0)
-  if reverse:
-    return jax.lax.fori_loop(0, n, lambda i, x: body(c0 + n - 1 - i, x), init)
-  return jax.lax.fori_loop(0, n, lambda i, x: body(c0 + i, x), init)
-
-
-def _forward_v3_kernel(qe_ref, kf_ref, w_ref, u_ref, p_ref, gl_ref, h0_ref, *outs, C, NT, need_o, store, seg_len=None,
-                       need_final=True):
+def _forward_v3_kernel(qe_ref, kf_ref, w_ref, u_ref, p_ref, gl_ref, h0_ref, *outs, C, NT, need_o, store):
   outs = list(outs)
   o_ref = outs.pop(0) if need_o else None
-  hT_ref = outs.pop(0) if need_final else None
+  hT_ref = outs.pop(0)
   h_ref, vn_ref = outs if store else (None, None)
 
   def body(c, S):
@@ -297,9 +281,7 @@ def _forward_v3_kernel(qe_ref, kf_ref, w_ref, u_ref, p_ref, gl_ref, h0_ref, *out
       vn_ref[sl, :] = vn.astype(vn_ref.dtype)
     return S1
 
-  S = _walk(NT, body, h0_ref[...].astype(jnp.float32), seg_len)
-  if need_final:
-    hT_ref[...] = S
+  hT_ref[...] = jax.lax.fori_loop(0, NT, body, h0_ref[...].astype(jnp.float32))
 
 
 def _serial_specs(H, Tp, K, bv):
@@ -323,17 +305,9 @@ def forward_v3(pre, h0, *, heads, chunk_size, need_o=True, store=False, o_dtype=
   C = chunk_size
   NT = Tp // C
   bv = min(BV, V)
-  L = _seg_len(NT)
   nh, full, cols, st = _serial_specs(H, Tp, K, bv)
   sds = jax.ShapeDtypeStruct
-  if L:  # two-level chain: segment transitions and local states, then the segments' start states, then this pass
-    loc = _seg_local(pre, None, h0.shape, heads=H, chunk_size=C, seg_len=L)
-    starts, hT = _seg_combine(loc, h0, heads=H, reverse=False, split=w.dtype != jnp.float32)
-    out_specs, out_shape = [], []
-    h0, st0 = starts, _seg_state_spec(H, K, bv)
-  else:
-    out_specs, out_shape = [st], [sds((N, K, V), jnp.float32)]
-    st0 = st
+  out_specs, out_shape = [st], [sds((N, K, V), jnp.float32)]
   if need_o:
     out_specs.insert(0, pl.BlockSpec((None, Tp, None, bv), lambda b, hh, j: (b, 0, hh, j)))
     out_shape.insert(0, sds((B, Tp, H, V), o_dtype or w.dtype))
@@ -341,26 +315,24 @@ def forward_v3(pre, h0, *, heads, chunk_size, need_o=True, store=False, o_dtype=
     out_specs += [pl.BlockSpec((None, NT, K, bv), lambda b, hh, j: (nh(b, hh), 0, 0, j)), cols]
     out_shape += [sds((N, NT, K, V), w.dtype), sds((N, Tp, V), w.dtype)]
   out = list(pl.pallas_call(
-      functools.partial(_forward_v3_kernel, C=C, NT=NT, need_o=need_o, store=store, seg_len=L or None,
-                        need_final=not L),
-      grid=_seg_grid(B, H, V // bv, NT, L),
-      in_specs=_seg_specs([full(K), full(K), full(K), cols, full(C), full(1)], L) + [st0],
-      out_specs=_seg_specs(out_specs, L), out_shape=out_shape,
-      compiler_params=_compat.triton_params(num_warps=4, num_stages=SEG_STAGES if L else 2),
-      interpret=_compat.gpu_interpret(), name="gdn_fwd_state_seg" if L else "gdn_fwd_state_v3",
+      functools.partial(_forward_v3_kernel, C=C, NT=NT, need_o=need_o, store=store), grid=(B, H, V // bv),
+      in_specs=[full(K), full(K), full(K), cols, full(C), full(1), st],
+      out_specs=out_specs, out_shape=out_shape,
+      compiler_params=_compat.triton_params(num_warps=4, num_stages=2), interpret=_compat.gpu_interpret(),
+      name="gdn_fwd_state_v3",
   )(qe, kf, w, u, p, gl, h0))
   o = out.pop(0) if need_o else None
-  if not L:
-    hT = out.pop(0)
+  hT = out.pop(0)
   h, vn = out if store else (None, None)
   return o, hT, h, vn
 
 
-def _backward_state_v3_kernel(qe_ref, kf_ref, w_ref, p_ref, gl_ref, do_ref, dhT_ref, *outs, C, NT, seg_len=None):
-  dh_ref, dh0_ref, dvn_ref = outs if seg_len is None else (outs[0], None, outs[1])
+def _backward_state_v3_kernel(qe_ref, kf_ref, w_ref, p_ref, gl_ref, do_ref, dhT_ref, dh_ref, dh0_ref, dvn_ref, *,
+                              C, NT):
   cdt = w_ref.dtype
 
-  def body(c, dS):
+  def body(i, dS):
+    c = NT - 1 - i
     sl = pl.ds(pl.multiple_of(c * C, C), C)
     dh_ref[c] = dS.astype(dh_ref.dtype)
     dS0, dvn = cm.chunk_backward_state_pre(qe_ref[sl, :], kf_ref[sl, :], w_ref[sl, :], p_ref[sl, :], gl_ref[sl, :],
@@ -368,9 +340,7 @@ def _backward_state_v3_kernel(qe_ref, kf_ref, w_ref, p_ref, gl_ref, do_ref, dhT_
     dvn_ref[sl, :] = dvn.astype(dvn_ref.dtype)
     return dS0
 
-  dS = _walk(NT, body, dhT_ref[...].astype(jnp.float32), seg_len, reverse=True)
-  if dh0_ref is not None:
-    dh0_ref[...] = dS
+  dh0_ref[...] = jax.lax.fori_loop(0, NT, body, dhT_ref[...].astype(jnp.float32))
 
 
 def backward_state_v3(pre, do, dhT, *, chunk_size):
@@ -382,182 +352,17 @@ def backward_state_v3(pre, do, dhT, *, chunk_size):
   C = chunk_size
   NT = Tp // C
   bv = min(BV, V)
-  L = _seg_len(NT)
   nh, full, cols, st = _serial_specs(H, Tp, K, bv)
   sds = jax.ShapeDtypeStruct
-  dh_spec = pl.BlockSpec((None, NT, K, bv), lambda b, hh, j: (nh(b, hh), 0, 0, j))
-  if L:  # two-level chain, walking the segments backwards: the gradient at every segment's end, then this pass
-    loc = _seg_local(pre, do, dhT.shape, heads=H, chunk_size=C, seg_len=L)
-    ends, dh0 = _seg_combine(loc, dhT, heads=H, reverse=True, split=w.dtype != jnp.float32)
-    dhT, st0 = ends, _seg_state_spec(H, K, bv)
-    out_specs = [dh_spec, cols]
-    out_shape = [sds((N, NT, K, V), w.dtype), sds((N, Tp, V), w.dtype)]
-  else:
-    st0 = st
-    out_specs = [dh_spec, st, cols]
-    out_shape = [sds((N, NT, K, V), w.dtype), sds((N, K, V), jnp.float32), sds((N, Tp, V), w.dtype)]
-  specs = [full(K), full(K), full(K), full(C), full(1),
-           pl.BlockSpec((None, Tp, None, bv), lambda b, hh, j: (b, 0, hh, j))]
-  out = pl.pallas_call(
-      functools.partial(_backward_state_v3_kernel, C=C, NT=NT, seg_len=L or None),
-      grid=_seg_grid(B, H, V // bv, NT, L), in_specs=_seg_specs(specs, L) + [st0],
-      out_specs=_seg_specs(out_specs, L), out_shape=out_shape,
-      compiler_params=_compat.triton_params(num_warps=4, num_stages=SEG_STAGES if L else 2),
-      interpret=_compat.gpu_interpret(), name="gdn_bwd_state_seg" if L else "gdn_bwd_state_v3",
+  return pl.pallas_call(
+      functools.partial(_backward_state_v3_kernel, C=C, NT=NT), grid=(B, H, V // bv),
+      in_specs=[full(K), full(K), full(K), full(C), full(1),
+                pl.BlockSpec((None, Tp, None, bv), lambda b, hh, j: (b, 0, hh, j)), st],
+      out_specs=[pl.BlockSpec((None, NT, K, bv), lambda b, hh, j: (nh(b, hh), 0, 0, j)), st, cols],
+      out_shape=[sds((N, NT, K, V), w.dtype), sds((N, K, V), jnp.float32), sds((N, Tp, V), w.dtype)],
+      compiler_params=_compat.triton_params(num_warps=4, num_stages=2), interpret=_compat.gpu_interpret(),
+      name="gdn_bwd_state_v3",
   )(qe, kf, w, p, gl, do, dhT)
-  if L:
-    return out[0], dh0, out[1]
-  return tuple(out)
-
-
-# ---------------------------------------------------------------- two-level chain (SEG_CHUNKS)
-# The state step is affine: S_{c+1} = M_c S_c + kf_c^T u_c with M_c = gl_c I - kf_c^T w_c ([K, K]), and the reverse
-# step is its transpose, dS_c = M_c^T dS_{c+1} + (qe_c^T - w_c^T p_c^T) dO_c. With SEG_CHUNKS = L > 0 each serial pass
-# (forward with O, the backward's states-only pass, the reverse pass) runs as three launches:
-#   1. `_seg_local`, grid (B, H, segment, (K + V) / b): each segment of L chunks from a zero state (its local end
-#      state, V columns) and, in K / b more column blocks, from the identity with no input (the segment's
-#      transition, K columns), i.e. the ordinary chain step on [K, K + V] states, all segments at once;
-#   2. `_seg_combine`, grid (B, H, V / b): the chain over segments only, S <- M_s S + local_s, writing every segment's
-#      start state (reverse: every segment's end gradient) and the final state;
-#   3. the ordinary pass kernel with a segment grid axis, each program starting from its segment's state.
-# Serial depth 2 L + NT / L steps instead of NT, for ~(1 + (K + V) / V) x the chain's work. 0 (default): one program
-# per (head, value block) walks all NT chunks. Used only where NT > L.
-SEG_CHUNKS = 0
-# num_stages of the segmented kernels (phases 1 and 3). With many programs per launch, occupancy matters more than
-# prefetching the next chunk: ptxas (sm_90a, standalone Triton on the lowered IR, K=128) reads ~74-82 KB of shared
-# memory for the phase-3 kernels at 1 stage (two programs of 4 warps per SM, as their ~255 registers allow) against
-# ~147-157 KB at 2 stages (one per SM); with BV=32 the phase-1 kernel fits four per SM at 1 stage (128 registers).
-SEG_STAGES = 1
-
-
-def _seg_len(NT):
-  return SEG_CHUNKS if 0 < SEG_CHUNKS < NT else 0
-
-
-def _seg_grid(B, H, nv, NT, L):
-  return (B, H, -(-NT // L), nv) if L else (B, H, nv)
-
-
-def _seg_specs(specs, L):
-  """BlockSpecs of a (B, H, value block) grid, for the (B, H, segment, value block) grid when L: the same blocks (the
-  kernel picks its segment's chunks itself)."""
-  if not L:
-    return specs
-  return [pl.BlockSpec(sp.block_shape, lambda b, hh, s, j, f=sp.index_map: f(b, hh, j)) for sp in specs]
-
-
-def _seg_state_spec(H, K, bv):
-  """The segment's [K, bv] block of a per-segment state array [B*H, nseg, K, V] (grid (B, H, segment, j))."""
-  return pl.BlockSpec((None, None, K, bv), lambda b, hh, s, j: (b * H + hh, s, 0, j))
-
-
-def _seg_local_kernel(*refs, C, NT, L, nk, reverse):
-  """Phase 1 for one segment and one block of b columns of the [K, K + V] state: columns < K (program j < nk) start
-  from the identity with no input (the transition), the others from zero with the input u (forward) or dO
-  (reverse)."""
-  *ins, loc_ref = refs
-  K, b = loc_ref.shape
-  j = pl.program_id(3)
-  hom = j < nk
-  r = jax.lax.broadcasted_iota(jnp.int32, (K, b), 0)
-  c_ = jax.lax.broadcasted_iota(jnp.int32, (K, b), 1)
-  S0 = jnp.where(hom & (r == c_ + j * b), 1.0, 0.0).astype(jnp.float32)
-  drop = lambda x: jnp.where(hom, jnp.zeros_like(x), x)  # no input in the transition's columns
-  if reverse:
-    qe_ref, kf_ref, w_ref, p_ref, gl_ref, do_ref = ins
-    cdt = w_ref.dtype
-
-    def body(c, dS):
-      sl = pl.ds(pl.multiple_of(c * C, C), C)
-      do = drop(do_ref[sl, :].astype(cdt))
-      return cm.chunk_backward_state_pre(qe_ref[sl, :], kf_ref[sl, :], w_ref[sl, :], p_ref[sl, :], gl_ref[sl, :],
-                                         do, dS)
-  else:
-    kf_ref, w_ref, u_ref, gl_ref = ins
-    cdt = w_ref.dtype
-
-    def body(c, S):
-      sl = pl.ds(pl.multiple_of(c * C, C), C)
-      u = drop(u_ref[sl, :])
-      return cm.chunk_forward_pre(None, kf_ref[sl, :], w_ref[sl, :], u, None, gl_ref[sl, :], S, need_o=False)[1]
-
-  loc_ref[...] = _walk(NT, body, S0, L, reverse=reverse)
-
-
-def _seg_local(pre, do, state_shape, *, heads, chunk_size, seg_len):
-  """Phase 1: [B*H, nseg, K, K + V] float32, per segment its transition (columns < K) and local end state (or, with
-  `do` given, the reverse pass's: transposed transition and the gradient at the segment start from a zero end
-  gradient)."""
-  qe, kf, w, p, gl = (pre[n] for n in ("qe", "kf", "w", "p", "gl"))
-  N, Tp, K = w.shape
-  _, _, V = state_shape
-  H = heads
-  B = N // H
-  C, L = chunk_size, seg_len
-  NT = Tp // C
-  nseg = -(-NT // L)
-  b = min(BV, V, K)
-  nk = K // b
-  nh = lambda bb, hh: bb * H + hh
-  full = lambda d: pl.BlockSpec((None, Tp, d), lambda bb, hh, s, j: (nh(bb, hh), 0, 0))
-  vcol = lambda j: jnp.maximum(j - nk, 0)
-  if do is None:
-    ins = (kf, w, pre["u"], gl)
-    specs = [full(K), full(K), pl.BlockSpec((None, Tp, b), lambda bb, hh, s, j: (nh(bb, hh), 0, vcol(j))), full(1)]
-  else:
-    ins = (qe, kf, w, p, gl, do)
-    specs = [full(K), full(K), full(K), full(C), full(1),
-             pl.BlockSpec((None, Tp, None, b), lambda bb, hh, s, j: (bb, 0, hh, vcol(j)))]
-  return pl.pallas_call(
-      functools.partial(_seg_local_kernel, C=C, NT=NT, L=L, nk=nk, reverse=do is not None),
-      grid=(B, H, nseg, (K + V) // b), in_specs=specs,
-      out_specs=pl.BlockSpec((None, None, K, b), lambda bb, hh, s, j: (nh(bb, hh), s, 0, j)),
-      out_shape=jax.ShapeDtypeStruct((N, nseg, K, K + V), jnp.float32),
-      compiler_params=_compat.triton_params(num_warps=4, num_stages=SEG_STAGES), interpret=_compat.gpu_interpret(),
-      name="gdn_seg_local_bwd" if do is not None else "gdn_seg_local",
-  )(*ins)
-
-
-def _dot_f32(a, b, split):
-  """a @ b of float32 operands: highest precision, or with `split` three bf16 products of the hi/lo parts
-  (~16 significant bits, float32 accumulation) on the matrix units."""
-  if not split:
-    return cm.dot(a, b)
-  bf = jnp.bfloat16
-  ah, bh = a.astype(bf), b.astype(bf)
-  al, bl = (a - ah.astype(jnp.float32)).astype(bf), (b - bh.astype(jnp.float32)).astype(bf)
-  return cm.dot(al, bh) + cm.dot(ah, bl) + cm.dot(ah, bh)
-
-
-def _seg_combine_kernel(m_ref, loc_ref, s0_ref, states_ref, final_ref, *, nseg, reverse, split):
-  def body(i, S):
-    s = nseg - 1 - i if reverse else i
-    states_ref[s] = S
-    return _dot_f32(m_ref[s], S, split) + loc_ref[s]
-
-  final_ref[...] = jax.lax.fori_loop(0, nseg, body, s0_ref[...].astype(jnp.float32))
-
-
-def _seg_combine(loc, s0, *, heads, reverse, split):
-  """Phase 2: the chain over segments. Returns the state at every segment's start (reverse: the gradient at every
-  segment's end) [B*H, nseg, K, V] and the final state (reverse: the gradient w.r.t. the initial state), float32."""
-  N, nseg, K, KV = loc.shape
-  V = KV - K
-  H = heads
-  B = N // H
-  b = min(BV, V, K)
-  nk = K // b
-  nh = lambda bb, hh: bb * H + hh
-  st = pl.BlockSpec((None, K, b), lambda bb, hh, j: (nh(bb, hh), 0, j))
-  return pl.pallas_call(
-      functools.partial(_seg_combine_kernel, nseg=nseg, reverse=reverse, split=split), grid=(B, H, V // b),
-      in_specs=[pl.BlockSpec((None, nseg, K, K), lambda bb, hh, j: (nh(bb, hh), 0, 0, 0)),
-                pl.BlockSpec((None, nseg, K, b), lambda bb, hh, j: (nh(bb, hh), 0, 0, nk + j)), st],
-      out_specs=[pl.BlockSpec((None, nseg, K, b), lambda bb, hh, j: (nh(bb, hh), 0, 0, j)), st],
-      out_shape=[jax.ShapeDtypeStruct((N, nseg, K, V), jnp.float32), jax.ShapeDtypeStruct((N, K, V), jnp.float32)],
-      compiler_params=_compat.triton_params(num_warps=8, num_stages=1), interpret=_compat.gpu_interpret(),
-      name="gdn_seg_combine",
-  )(loc, loc, s0)
 
 
 def _norm_factor(ref, blocks, l2norm):
