@@ -107,3 +107,22 @@ def attention_with_cache(q, k, v, cache_k, cache_v, cache_positions, q_positions
     return sharding.shard_over_batch_and_heads(
         kernel, (q, k, v, cache_k, cache_v, cache_positions, q_positions),
         ("b.h.", "b.h.", "b.h.", "b.h.", "b.h.", "b.", "b."), "b.h.", heads=k.shape[2])
+
+
+def gdn_decode_inputs(proj, conv_q, conv_k, conv_v, conv_w, A_log, dt_bias, live, *, num_heads: int, head_k: int,
+                      head_v: int):
+    """A Gated DeltaNet decode step's q, k, v, g, beta and new conv states from its fused input projection
+    ``proj [R >= B, N]`` (``pallas_kernels.gated_delta_rule.decode_inputs``; backend: the ``gdn`` choice)."""
+    from pallas_kernels.gated_delta_rule import decode_inputs as di
+
+    chosen = backend("gdn")
+    B = conv_q.shape[0]
+
+    def kernel(proj, conv_q, conv_k, conv_v, conv_w, A_log, dt_bias, live):
+        return di.decode_inputs(proj, conv_q, conv_k, conv_v, conv_w, A_log, dt_bias, live, num_heads=num_heads,
+                                head_k=head_k, head_v=head_v, backend=chosen)
+
+    return sharding.shard_over_batch_and_heads(
+        kernel, (proj, conv_q, conv_k, conv_v, conv_w, A_log, dt_bias, live),
+        ("b." if proj.shape[0] == B else "..", "b..", "b..", "b..", "..", ".", ".", "b"),
+        ("b...", "b...", "b...", "b..", "b..", "b..", "b..", "b.."), heads=num_heads)

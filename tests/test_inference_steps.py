@@ -65,19 +65,54 @@ def run_steps(graphdef, state, cfg, ids, P):
     return np.stack(out, axis=1), cache
 
 
+@pytest.mark.parametrize("fuse", [False, True])
 @pytest.mark.parametrize("which", ["hybrid", "teacher"])
-def test_per_block_weights_equal_stacked_weights(hybrid, which):
-    """``engine.split`` (per-block weights, a loop over separate arrays) gives what the stacked weights (sliced
-    inside the program) give; ``test_inference`` holds the stacked path to the full forward."""
+def test_per_block_weights_equal_stacked_weights(hybrid, which, fuse):
+    """``engine.split`` (per-block weights, a loop over separate arrays; with ``fuse``, projections reading the same
+    input as one product) gives what the stacked weights (sliced inside the program) give; ``test_inference`` holds
+    the stacked path to the full forward."""
     model = hybrid if which == "hybrid" else InfiniteVLForConditionalGeneration(
         tiny_qwen2_5_vl(num_hidden_layers=2), rngs=nnx.Rngs(1))
     cfg = model.config
     T, P = 24, 20
     ids = np.random.RandomState(3).randint(0, cfg.text.vocab_size - 20, (1, T)).astype(np.int32)
     stacked, c1 = run_steps(*nnx.split(model), cfg, ids, P)
-    per_block, c2 = run_steps(*engine.split(model), cfg, ids, P)
+    graphdef, state = engine.split(model, fuse=fuse)
+    layer = graphdef.merge(state).language_model.layers.blocks[0].layers[-1]
+    assert (layer.mlp.gate_up_proj is not None) == fuse and (layer.mlp.gate_proj is None) == fuse
+    per_block, c2 = run_steps(graphdef, state, cfg, ids, P)
     np.testing.assert_allclose(per_block, stacked, atol=1e-6, rtol=0)
     jax.tree.map(lambda a, b: np.testing.assert_allclose(np.asarray(a), np.asarray(b), atol=1e-6), c1, c2)
+
+
+@pytest.mark.parametrize("B,two_rows", [(1, True), (1, False), (3, False)])
+def test_fused_gdn_decode_step_equals_unfused(B, two_rows, monkeypatch):
+    """A GDN layer's one-token step with fused projections (the decode-inputs kernel, interpret mode; one row as a
+    padded two-row product when ``two_rows``) equals the unfused layer's general path, padding rows included."""
+    from infinitevl_jax import ops
+    from infinitevl_jax.inference.cache import GDNCache
+    from infinitevl_jax.modeling import layers
+    from infinitevl_jax.modeling.gated_deltanet import GatedDeltaNet
+
+    monkeypatch.setattr(layers, "SINGLE_ROW_AS_TWO", two_rows)
+    c = tiny_infinitevl().text
+    layer = GatedDeltaNet(c, rngs=nnx.Rngs(5))
+    H, K, V, W = c.num_linear_heads, c.linear_head_dim, c.linear_value_dim, c.conv_size
+    ks = jax.random.split(jax.random.key(B), 5)
+    cache = GDNCache(*(jax.random.normal(ks[i], (B, W - 1, H * d)) for i, d in enumerate((K, K, V))),
+                     jax.random.normal(ks[3], (B, H, K, V)))
+    x = jax.random.normal(ks[4], (B, 1, c.hidden_size))
+    seg = jnp.asarray([[1], [0], [1]][:B], jnp.int32)
+    step = nnx.jit(lambda m, x, seg, cache: m.step(x, segment_ids=seg, cache=cache))
+    with ops.use_backends(gdn="xla"):
+        o_ref, c_ref = step(layer, x, seg, cache)
+    layer.fuse_projections()
+    assert layer.q_proj is None and layer.in_proj is not None
+    with ops.use_backends(gdn="pallas_gpu"):
+        o, new = step(layer, x, seg, cache)
+    np.testing.assert_allclose(np.asarray(o), np.asarray(o_ref), atol=1e-5, rtol=1e-5)
+    for a, b in zip(new, c_ref):
+        np.testing.assert_allclose(np.asarray(a), np.asarray(b), atol=1e-5, rtol=1e-5)
 
 
 def test_split_copies_only_the_blocks_and_consume_frees_them():
@@ -93,7 +128,13 @@ def test_split_copies_only_the_blocks_and_consume_frees_them():
     assert others <= ids  # embeddings, vision tower, norms: shared, not copied
     assert not ids & {id(x) for x in stacked_leaves}  # the stacked blocks are not held
     assert prepared.nbytes() == sum(x.nbytes for x in jax.tree.leaves(nnx.state(model)))
-    assert len(prepared.state) == len(jax.tree.leaves(nnx.state(model))) + (n - 1) * len(stacked_leaves)
+    unfused = engine.prepare(model, fuse=False)
+    assert len(unfused.state) == len(jax.tree.leaves(nnx.state(model))) + (n - 1) * len(stacked_leaves)
+    # fused: per block, GDN's 6 projections and 3 conv kernels -> 2 arrays (x3 layers), attention's q/k/v kernels
+    # and biases -> 2, each MLP's gate and up -> 1
+    assert len(prepared.state) == len(unfused.state) - n * (3 * 7 + 4 + 4)
+    assert unfused.nbytes() == prepared.nbytes()
+    del unfused
     assert engine.prepare(prepared) is prepared
     assert engine.split(model)[0] == prepared.graphdef and hash(engine.split(model)[0]) == hash(prepared.graphdef)
     assert nnx.state(model.language_model.layers.blocks) is not None  # the model itself is untouched

@@ -26,7 +26,7 @@ import numpy as np
 from flax import nnx
 
 from infinitevl_jax.inference.cache import Cache, init_cache
-from infinitevl_jax.modeling.decoder import unstack_blocks
+from infinitevl_jax.modeling.decoder import fuse_projections, unstack_blocks
 
 MIN_BUCKET = 16
 
@@ -74,8 +74,9 @@ class InferenceModel:
         return sum(x.nbytes for x in self.state)
 
 
-def split(model, *, consume: bool = False) -> tuple[PreparedDef, tuple]:
-    """``(graphdef, state)`` for the steps: a copy of ``model`` whose decoder blocks are per-block modules.
+def split(model, *, consume: bool = False, fuse: bool = True) -> tuple[PreparedDef, tuple]:
+    """``(graphdef, state)`` for the steps: a copy of ``model`` whose decoder blocks are per-block modules, with
+    the projections that read the same input fused into one product each (``fuse``; ``decoder.fuse_projections``).
 
     Only the decoder blocks are copied (once, sliced out of the stacked arrays); every other parameter is shared with
     ``model``. While ``model`` lives the blocks are held twice; ``consume=True`` (for a model nothing else holds)
@@ -85,19 +86,34 @@ def split(model, *, consume: bool = False) -> tuple[PreparedDef, tuple]:
     graphdef, state = nnx.split(model)
     shell = nnx.merge(graphdef, state)  # new module objects over the same arrays
     stack = shell.language_model.layers
-    if not isinstance(stack.blocks, nnx.List):
+    copied = not isinstance(stack.blocks, nnx.List)
+    if copied:
         stack.blocks = unstack_blocks(stack.blocks, consume=consume)
+    if fuse and _fusable(leaf for leaf in jax.tree.leaves(nnx.state(stack.blocks))):
+        # The per-block arrays are the copies made just above (or ``model``'s own when it was already unstacked,
+        # which are then kept).
+        fuse_projections(stack.blocks, delete=copied)
     graphdef, state = nnx.split(shell)
     leaves, treedef = jax.tree.flatten(state)
     return PreparedDef(graphdef, treedef), tuple(leaves)
 
 
-def prepare(model, *, consume: bool = False) -> InferenceModel:
+def _fusable(leaves) -> bool:
+    """Fusing concatenates weights along their output axis: done on one device or with replicated weights, not
+    with weights split over a mesh (where the fused product would need its own layout)."""
+    for x in leaves:
+        s = getattr(x, "sharding", None)
+        if s is not None and not isinstance(s, jax.sharding.SingleDeviceSharding) and not s.is_fully_replicated:
+            return False
+    return True
+
+
+def prepare(model, *, consume: bool = False, fuse: bool = True) -> InferenceModel:
     """``model`` (an ``InfiniteVLForConditionalGeneration``) as an ``InferenceModel``; an ``InferenceModel`` is
-    returned as is. See ``split`` for ``consume`` and memory."""
+    returned as is. See ``split`` for ``consume``, ``fuse`` and memory."""
     if isinstance(model, InferenceModel):
         return model
-    graphdef, state = split(model, consume=consume)
+    graphdef, state = split(model, consume=consume, fuse=fuse)
     return InferenceModel(graphdef, state, model.config, model.dtype)
 
 

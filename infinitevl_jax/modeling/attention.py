@@ -8,7 +8,7 @@ from flax import nnx
 
 from infinitevl_jax import ops
 from infinitevl_jax.config import SWA, TextConfig
-from infinitevl_jax.modeling.layers import linear
+from infinitevl_jax.modeling.layers import fuse_linears, linear, split_last
 from infinitevl_jax.modeling.rope import apply_rotary
 from pallas_kernels.sliding_window_attention import ring_buffer_write
 
@@ -28,13 +28,25 @@ class Attention(nnx.Module):
         self.k_proj = linear(c.hidden_size, c.num_key_value_heads * c.head_dim, ("embed", "kv_heads"), use_bias=True, **kw)
         self.v_proj = linear(c.hidden_size, c.num_key_value_heads * c.head_dim, ("embed", "kv_heads"), use_bias=True, **kw)
         self.o_proj = linear(c.num_attention_heads * c.head_dim, c.hidden_size, ("q_heads", "embed"), **kw)
+        self.qkv_proj = nnx.data(None)  # inference: q, k and v as one product (``fuse_projections``)
+
+    def fuse_projections(self, *, delete: bool = False) -> None:
+        """Replace ``q_proj``, ``k_proj`` and ``v_proj`` by one ``qkv_proj`` (same results; ``fuse_linears``)."""
+        if self.qkv_proj is None:
+            self.qkv_proj = nnx.data(fuse_linears([self.q_proj, self.k_proj, self.v_proj], delete=delete))
+            self.q_proj = self.k_proj = self.v_proj = nnx.data(None)
 
     def project(self, x: jax.Array, cos: jax.Array, sin: jax.Array):
         """``x [B,T,E]`` -> rotated ``q [B,T,Hq,D]``, ``k [B,T,Hkv,D]`` and ``v [B,T,Hkv,D]``."""
         B, T, _ = x.shape
-        q = self.q_proj(x).reshape(B, T, self.num_heads, self.head_dim)
-        k = self.k_proj(x).reshape(B, T, self.num_kv_heads, self.head_dim)
-        v = self.v_proj(x).reshape(B, T, self.num_kv_heads, self.head_dim)
+        if self.qkv_proj is not None:
+            kv = self.num_kv_heads * self.head_dim
+            q, k, v = split_last(self.qkv_proj(x), (self.num_heads * self.head_dim, kv, kv))
+        else:
+            q, k, v = self.q_proj(x), self.k_proj(x), self.v_proj(x)
+        q = q.reshape(B, T, self.num_heads, self.head_dim)
+        k = k.reshape(B, T, self.num_kv_heads, self.head_dim)
+        v = v.reshape(B, T, self.num_kv_heads, self.head_dim)
         return apply_rotary(q, cos, sin), apply_rotary(k, cos, sin), v
 
     def __call__(self, x: jax.Array, *, cos: jax.Array, sin: jax.Array, segment_ids: jax.Array | None) -> jax.Array:

@@ -17,7 +17,7 @@ from flax import nnx
 
 from infinitevl_jax import ops
 from infinitevl_jax.config import TextConfig
-from infinitevl_jax.modeling.layers import linear
+from infinitevl_jax.modeling.layers import fuse_linears, linear, padded_rows, split_last
 from infinitevl_jax.modeling.norms import rms_norm
 
 
@@ -72,40 +72,67 @@ class GatedDeltaNet(nnx.Module):
         )
         self.q_conv1d, self.k_conv1d, self.v_conv1d = conv(key_dim), conv(key_dim), conv(value_dim)
         self.o_norm = nnx.Param(jnp.ones((self.head_v,), param_dtype), logical_axes=("norm",))
+        self.in_proj = self.qkv_conv1d = nnx.data(None)  # inference only (``fuse_projections``)
 
-    def gates(self, x: jax.Array) -> tuple[jax.Array, jax.Array]:
-        """``(g, beta)``, each ``[B,T,H]`` float32; g is the log-decay (<= 0)."""
-        beta = jax.nn.sigmoid(self.b_proj(x).astype(jnp.float32))
-        a = self.a_proj(x).astype(jnp.float32) + self.dt_bias[...].astype(jnp.float32)
-        g = -jnp.exp(self.A_log[...].astype(jnp.float32)) * jax.nn.softplus(a)
-        return g, beta
+    def fuse_projections(self, *, delete: bool = False) -> None:
+        """Inference: the six input projections as one ``in_proj`` (order q, k, v, output gate, a, b) and the three
+        short-convolution kernels as one ``qkv_conv1d``, so a step runs one product and one convolution (same
+        results; see ``layers.fuse_linears``). ``delete=True`` frees the separate arrays."""
+        if self.in_proj is not None:
+            return
+        self.in_proj = nnx.data(fuse_linears([self.q_proj, self.k_proj, self.v_proj, self.g_proj, self.a_proj,
+                                              self.b_proj], delete=delete))
+        convs = (self.q_conv1d, self.k_conv1d, self.v_conv1d)
+        self.qkv_conv1d = nnx.Param(jnp.concatenate([c[...] for c in convs], axis=1),
+                                    logical_axes=("conv", "gdn_heads"))
+        if delete:
+            for c in convs:
+                c[...].delete()
+        self.q_proj = self.k_proj = self.v_proj = self.g_proj = self.a_proj = self.b_proj = nnx.data(None)
+        self.q_conv1d = self.k_conv1d = self.v_conv1d = nnx.data(None)
 
-    def qkv(self, x, segment_ids, conv_state=None):
-        """Projected, convolved and activated ``q,k [B,T,H,K]``, ``v [B,T,H,V]`` and the new conv states."""
+    def inputs(self, x: jax.Array, segment_ids, conv_state=None, live=None):
+        """Everything the recurrence and the output need from ``x [B,T,E]``: ``q, k [B,T,H,K]``, ``v [B,T,H,V]``
+        (projected, convolved, SiLU), ``g, beta [B,T,H]`` float32 (g the log-decay, <= 0), the output gate's
+        projection ``[B,T,H*V]`` and the new conv states. ``live [B,T]`` (cached steps): the q/k/v projections of
+        padding tokens are zeroed, so padding never enters the convolution windows."""
         B, T, _ = x.shape
+        H, HK, HV = self.num_heads, self.num_heads * self.head_k, self.num_heads * self.head_v
+        zero_pad = (lambda y: y) if live is None else (lambda y: jnp.where(live[..., None], y, 0))
         st = (None, None, None) if conv_state is None else conv_state
-        out, new_state = [], []
-        for proj, kern, s in ((self.q_proj, self.q_conv1d, st[0]), (self.k_proj, self.k_conv1d, st[1]),
-                              (self.v_proj, self.v_conv1d, st[2])):
-            y, ns = causal_conv1d(proj(x), kern[...], segment_ids, s)
-            out.append(jax.nn.silu(y))
-            new_state.append(ns)
-        q, k, v = out
-        return (q.reshape(B, T, self.num_heads, self.head_k), k.reshape(B, T, self.num_heads, self.head_k),
-                v.reshape(B, T, self.num_heads, self.head_v), tuple(new_state))
+        if self.in_proj is not None:
+            qkv, gate, a, b = split_last(self.in_proj(x), (2 * HK + HV, HV, H, H))
+            prev = None if conv_state is None else jnp.concatenate(st, axis=-1)
+            y, ns = causal_conv1d(zero_pad(qkv), self.qkv_conv1d[...], segment_ids, prev)
+            q, k, v = split_last(jax.nn.silu(y), (HK, HK, HV))
+            new_state = split_last(ns, (HK, HK, HV))
+        else:
+            out, new_state = [], []
+            for proj, kern, s in ((self.q_proj, self.q_conv1d, st[0]), (self.k_proj, self.k_conv1d, st[1]),
+                                  (self.v_proj, self.v_conv1d, st[2])):
+                y, ns = causal_conv1d(zero_pad(proj(x)), kern[...], segment_ids, s)
+                out.append(jax.nn.silu(y))
+                new_state.append(ns)
+            q, k, v = out
+            gate, a, b = self.g_proj(x), self.a_proj(x), self.b_proj(x)
+        beta = jax.nn.sigmoid(b.astype(jnp.float32))
+        a = a.astype(jnp.float32) + self.dt_bias[...].astype(jnp.float32)
+        g = -jnp.exp(self.A_log[...].astype(jnp.float32)) * jax.nn.softplus(a)
+        return (q.reshape(B, T, H, self.head_k), k.reshape(B, T, H, self.head_k), v.reshape(B, T, H, self.head_v),
+                g, beta, gate, tuple(new_state))
 
-    def output(self, x: jax.Array, o: jax.Array) -> jax.Array:
-        """Per-head RMSNorm of ``o [B,T,H,V]`` times SiLU(g_proj x), then o_proj."""
-        B, T = x.shape[:2]
-        gate = jax.nn.silu(self.g_proj(x).astype(jnp.float32)).reshape(B, T, self.num_heads, self.head_v)
+    def output(self, gate: jax.Array, o: jax.Array, dtype) -> jax.Array:
+        """Per-head RMSNorm of ``o [B,T,H,V]`` times SiLU(gate), then o_proj (``gate``: the output gate's
+        projection ``[B,T,H*V]``)."""
+        B, T = o.shape[:2]
+        gate = jax.nn.silu(gate.astype(jnp.float32)).reshape(B, T, self.num_heads, self.head_v)
         o = rms_norm(o.astype(jnp.float32), self.o_norm[...].astype(jnp.float32), self.norm_eps) * gate
-        return self.o_proj(o.reshape(B, T, -1).astype(x.dtype))
+        return self.o_proj(o.reshape(B, T, -1).astype(dtype))
 
     def __call__(self, x: jax.Array, *, segment_ids: jax.Array | None, **unused) -> jax.Array:
-        q, k, v, _ = self.qkv(x, segment_ids)
-        g, beta = self.gates(x)
+        q, k, v, g, beta, gate, _ = self.inputs(x, segment_ids)
         o, _ = ops.gated_delta_rule(q, k, v, g, beta, segment_ids=segment_ids)
-        return self.output(x, o)
+        return self.output(gate, o, x.dtype)
 
     def step(self, x: jax.Array, *, segment_ids: jax.Array, cache):
         """Cached forward of a chunk ``x [B,C,E]`` (inference; C = 1 decodes with the recurrent form).
@@ -116,12 +143,24 @@ class GatedDeltaNet(nnx.Module):
         """
         live = segment_ids > 0
         conv_q, conv_k, conv_v, state = cache
-        q, k, v, conv = self.qkv(jnp.where(live[..., None], x, 0), segment_ids, (conv_q, conv_k, conv_v))
-        g, beta = self.gates(x)
+        B, T, _ = x.shape
+        if T == 1 and self.in_proj is not None:
+            # Decode with fused projections: convolutions, SiLU and gates as one op over the projected row(s).
+            proj = padded_rows(self.in_proj, x.reshape(B, -1))
+            HK, HV = self.num_heads * self.head_k, self.num_heads * self.head_v
+            q, k, v, g, beta, *conv = ops.gdn_decode_inputs(
+                proj, conv_q, conv_k, conv_v, self.qkv_conv1d[...], self.A_log[...], self.dt_bias[...], live[:, 0],
+                num_heads=self.num_heads, head_k=self.head_k, head_v=self.head_v)
+            gate = proj[:B, 2 * HK + HV:2 * HK + 2 * HV].reshape(B, 1, HV)
+        else:
+            q, k, v, g, beta, gate, conv = self.inputs(x, segment_ids, (conv_q, conv_k, conv_v), live)
         o, new_state = ops.gated_delta_rule(q, k, v, g, beta, segment_ids=segment_ids,
                                             initial_state=state.astype(jnp.float32), output_final_state=True,
                                             recurrent=x.shape[1] == 1)
-        # A row that is still all padding keeps an empty state.
-        new_state = jnp.where(live[:, -1, None, None, None], new_state, 0.0).astype(state.dtype)
+        if x.shape[1] > 1:
+            # A row that is still all padding keeps an empty state. (One token: a padding row has seen only padding,
+            # so its state and conv windows are zeros and its zeroed q/k/v keep them zero; no pass over the state.)
+            new_state = jnp.where(live[:, -1, None, None, None], new_state, 0.0)
+        new_state = new_state.astype(state.dtype)
         conv = tuple(c.astype(s.dtype) for c, s in zip(conv, (conv_q, conv_k, conv_v)))
-        return self.output(x, o), type(cache)(*conv, new_state)
+        return self.output(gate, o, x.dtype), type(cache)(*conv, new_state)
