@@ -74,6 +74,73 @@ def test_gdn_decode_step_options_and_dispatch():
         decode_step(q3, k3, v3, g3, b3)
 
 
+def decode_inputs_args(seed, B, R, H, K, V, dtype, W=4):
+    ks = jax.random.split(jax.random.key(seed), 8)
+    N = 2 * H * (K + V + 1)
+    proj = jax.random.normal(ks[0], (R, N), dtype)
+    conv = [jax.random.normal(ks[i + 1], (B, W - 1, H * d), dtype) for i, d in enumerate((K, K, V))]
+    conv_w = (jax.random.uniform(ks[4], (W, H * (2 * K + V)), jnp.float32, -0.5, 0.5)).astype(dtype)
+    A_log = jnp.log(jax.random.uniform(ks[5], (H,), jnp.float32, 1.0, 16.0))
+    dt_bias = jax.random.normal(ks[6], (H,)) - 3.0
+    live = jnp.arange(B) % 3 != 2  # every third row a padding token
+    return (proj, *conv, conv_w, A_log, dt_bias, live)
+
+
+@pytest.mark.parametrize("B,R,H,K,V", [(1, 2, 2, 16, 32), (3, 3, 4, 32, 32), (2, 2, 2, 64, 128)])
+@pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16])
+def test_gdn_decode_inputs_kernel(B, R, H, K, V, dtype):
+    """The decode-inputs kernel (interpret mode) against its reference, which ``test_inference_steps`` holds to the
+    model's general path: q/k/v after the convolution and SiLU, the gates, and the shifted conv windows."""
+    from pallas_kernels.gated_delta_rule import decode_inputs as di
+
+    args = decode_inputs_args(zlib.crc32(f"{B}{R}{H}{K}{V}".encode()), B, R, H, K, V, dtype)
+    kw = dict(num_heads=H, head_k=K, head_v=V)
+    ref = jax.jit(lambda *a: di.decode_inputs(*a, **kw, backend="xla"))(*args)
+    got = jax.jit(lambda *a: di.decode_inputs(*a, **kw, backend="pallas_gpu"))(*args)
+    names = ("q", "k", "v", "g", "beta", "conv_q", "conv_k", "conv_v")
+    for name, a, b in zip(names, got, ref):
+        assert a.shape == b.shape and a.dtype == b.dtype, (name, a.shape, b.shape, a.dtype, b.dtype)
+        tol = 1e-6 if dtype == jnp.float32 or name in ("g", "beta") else 1e-2  # bf16: one ulp where roundings differ
+        assert rel(a, b) <= tol, (name, rel(a, b))
+    # conv windows shift exactly; a padding row's token enters them as zeros and its q/k/v see only the past
+    for new, old in zip(got[5:], args[1:4]):
+        np.testing.assert_array_equal(np.asarray(new[:, :-1]), np.asarray(old[:, 1:]))
+    live = np.asarray(args[-1])
+    assert not np.any(np.asarray(got[5])[~live, -1])
+    if R > B:  # rows past B are ignored
+        args2 = (args[0].at[B:].set(jnp.nan),) + args[1:]
+        got2 = jax.jit(lambda *a: di.decode_inputs(*a, **kw, backend="pallas_gpu"))(*args2)
+        for a, b in zip(got2, got):
+            np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+
+
+def test_gdn_decode_inputs_dispatch_and_errors():
+    from pallas_kernels.gated_delta_rule import decode_inputs as di
+
+    assert di.resolve_backend("auto", 128, 256, 4) == ("pallas_gpu" if jax.default_backend() == "gpu" else "xla")
+    assert di.resolve_backend("auto", 128, 96, 4) == "xla"  # not a power of two: the reference
+    with pytest.raises(ValueError, match="does not support"):
+        di.resolve_backend("pallas_gpu", 128, 96, 4)
+    args = decode_inputs_args(1, 2, 2, 2, 16, 32, jnp.float32)
+    with pytest.raises(ValueError, match="proj must be"):
+        di.decode_inputs(args[0][:1], *args[1:], num_heads=2, head_k=16, head_v=32)
+    with pytest.raises(ValueError, match="backend must be"):
+        di.decode_inputs(*args, num_heads=2, head_k=16, head_v=32, backend="cuda")
+
+
+def test_gdn_decode_inputs_gpu_lowering():
+    """Triton lowering at the 4B model's decode shape (H 16, K 128, V 256, bf16, one row padded to two), conv
+    windows donated and aliased in place."""
+    from pallas_kernels import _compat
+    from pallas_kernels.gated_delta_rule import decode_inputs as di
+
+    args = decode_inputs_args(2, 1, 2, 16, 128, 256, jnp.bfloat16)
+    f = lambda *a: di.decode_inputs_gpu(*a, num_heads=16, head_k=128, head_v=256)
+    with _compat.compiled():
+        text = jax.jit(f, donate_argnums=(1, 2, 3)).trace(*args).lower(lowering_platforms=("cuda",)).as_text()
+    assert "gdn_decode_inputs" in text and "tf.aliasing_output" in text
+
+
 # ----------------------------------------------------------------------------- SWA cache attention
 
 
@@ -145,15 +212,16 @@ def test_cache_backend_choice(monkeypatch):
     assert all(choose_cache_backend(c) == "xla" for c in (1, 64, 4096))  # CPU: nothing changes
     monkeypatch.setattr(swa_attention, "_platform", lambda: "gpu")
     monkeypatch.setattr(swa_attention, "_gpu_capability", lambda: (9, 0))
-    assert choose_cache_backend(1) == "xla" and choose_cache_backend(PALLAS_CACHE_MIN_CHUNK - 1) == "xla"
+    assert choose_cache_backend(1) == "pallas_gpu"  # decode: the split-ring kernel
+    assert choose_cache_backend(2) == "xla" and choose_cache_backend(PALLAS_CACHE_MIN_CHUNK - 1) == "xla"
     assert choose_cache_backend(PALLAS_CACHE_MIN_CHUNK) == "pallas_gpu" and choose_cache_backend(4096) == "pallas_gpu"
     monkeypatch.setattr(swa_attention, "_gpu_capability", lambda: (7, 5))
     assert choose_cache_backend(4096) == "xla"
 
 
 def test_auto_dispatch_uses_the_kernel_for_prefill_chunks(monkeypatch):
-    """On an sm80+ GPU, ``attend_to_cache(backend="auto")`` traces the Pallas call for a 64-query chunk and XLA for
-    decode."""
+    """On an sm80+ GPU, ``attend_to_cache(backend="auto")`` traces the chunk kernel for a 64-query chunk, the decode
+    kernel for one query and XLA in between."""
     monkeypatch.setattr(swa_attention, "_platform", lambda: "gpu")
     monkeypatch.setattr(swa_attention, "_gpu_capability", lambda: (9, 0))
     sd = jax.ShapeDtypeStruct
@@ -164,8 +232,9 @@ def test_auto_dispatch_uses_the_kernel_for_prefill_chunks(monkeypatch):
                 sd((1, c), jnp.int32))
         return str(jax.make_jaxpr(lambda *a: attend_to_cache(*a, window=100))(*args))
 
-    assert "pallas_call" in jaxpr(PALLAS_CACHE_MIN_CHUNK)
-    assert "pallas_call" not in jaxpr(1)
+    assert "swa_attend_to_cache" in jaxpr(PALLAS_CACHE_MIN_CHUNK)
+    assert "swa_decode" in jaxpr(1)
+    assert "pallas_call" not in jaxpr(2)
 
 
 @pytest.mark.parametrize("chunk", [64, 4096])
@@ -183,3 +252,20 @@ def test_pallas_cache_kernel_gpu_lowering(chunk):
         text = jax.jit(lambda *a: swa_cache.attend_to_cache_pallas(*a, window=8192)).trace(*args).lower(
             lowering_platforms=("cuda",)).as_text()
     assert text.count("xla.gpu.triton") == 1 and "swa_attend_to_cache" in text
+
+
+@pytest.mark.parametrize("L", [8191, 524288])
+def test_decode_cache_kernel_gpu_lowering(L):
+    """The split-ring decode kernel lowers to Triton IR at the SWA layers' ring and at a 512K teacher cache, and
+    ``attend_to_cache`` sends one-query chunks to it on a GPU."""
+    from pallas_kernels import _compat
+
+    sd = jax.ShapeDtypeStruct
+    B, Hq, Hkv, D = 1, 16, 2, 128
+    args = (sd((B, 1, Hq, D), jnp.bfloat16), sd((B, 1, Hkv, D), jnp.bfloat16), sd((B, 1, Hkv, D), jnp.bfloat16),
+            sd((B, L, Hkv, D), jnp.bfloat16), sd((B, L, Hkv, D), jnp.bfloat16), sd((B, L), jnp.int32),
+            sd((B, 1), jnp.int32))
+    with _compat.compiled():
+        text = jax.jit(lambda *a: attend_to_cache(*a, window=8192 if L < 8192 else None, backend="pallas_gpu")).trace(
+            *args).lower(lowering_platforms=("cuda",)).as_text()
+    assert text.count("xla.gpu.triton") == 1 and "swa_decode" in text

@@ -20,7 +20,7 @@ from pallas_kernels.sliding_window_attention import (
     ring_buffer_write,
     sliding_window_attention,
 )
-from pallas_kernels.sliding_window_attention.cache import attend_to_cache_pallas
+from pallas_kernels.sliding_window_attention.cache import attend_to_cache_decode_pallas, attend_to_cache_pallas
 from pallas_kernels.sliding_window_attention.flash_gpu import flash_attention
 from pallas_kernels.sliding_window_attention.splash_tpu import splash_attention
 
@@ -122,6 +122,36 @@ def test_cache_xla_matches_reference_on_a_partly_filled_ring(dtype, tol):
       want = attend_to_cache_reference(q, k, v, ck, cv, cpos, qpos, window=window)
       got = attend_to_cache_xla(q, k, v, ck, cv, cpos, qpos, window=window)
       assert rel(got, want) <= tol
+
+
+@pytest.mark.parametrize("dtype,tol", [(jnp.float32, 1e-5), (jnp.bfloat16, 2e-2)])
+@pytest.mark.parametrize("L,block_k,splits,window", [(9, 4, 2, 5), (9, 4, 8, None), (99, 16, 4, 60), (99, 16, 64, 100),
+                                                     (5, 16, 4, 6)])
+def test_decode_kernel_matches_reference(dtype, tol, L, block_k, splits, window):
+  """The split-ring decode kernel (interpret mode): a ring holding stale, valid and empty slots, rings that are not
+  a multiple of the block (the shifted last block), more splits than blocks, a padding query (zeros), 4 query
+  heads per kv head."""
+  b, hq, hkv, d = 3, 8, 2, 16
+  ks = jax.random.split(jax.random.key(L * block_k + splits), 5)
+  ck, cv = (jax.random.normal(x, (b, L, hkv, d), dtype) for x in ks[:2])
+  newest = 2 * L + 3
+  slots = np.arange(L)
+  full = newest - 1 - (newest - 1 - slots) % L  # a ring that wrapped: slot i holds the latest position = i mod L
+  partial = np.where(slots < L // 2, slots, -1)  # half filled
+  cpos = jnp.asarray(np.stack([full, partial, full]), jnp.int32)
+  qpos = jnp.asarray([[newest], [L // 2], [-1]], jnp.int32)
+  q = jax.random.normal(ks[2], (b, 1, hq, d), dtype)
+  k, v = (jax.random.normal(x, (b, 1, hkv, d), dtype) for x in ks[3:5])
+  want = attend_to_cache_reference(q, k, v, ck, cv, cpos, qpos, window=window)
+  got = attend_to_cache_decode_pallas(q, k, v, ck, cv, cpos, qpos, window=window, block_k=block_k, splits=splits,
+                                      interpret=True)
+  assert got.shape == want.shape and got.dtype == want.dtype
+  assert rel(got, want) <= tol, rel(got, want)
+  assert np.all(np.asarray(got[2]) == 0.0)
+  with pytest.raises(ValueError, match="one query per row"):
+    attend_to_cache_decode_pallas(jnp.concatenate([q, q], 1), jnp.concatenate([k, k], 1),
+                                  jnp.concatenate([v, v], 1), ck, cv, cpos, jnp.concatenate([qpos, qpos], 1),
+                                  window=window, interpret=True)
 
 
 @pytest.mark.parametrize("window", [11])
@@ -257,12 +287,13 @@ def run_chunks(attend, q, k, v, window, length, chunk):
   return jnp.concatenate(outs, axis=1)
 
 
-@pytest.mark.parametrize("chunk", [1, 7, 64])
-@pytest.mark.parametrize("impl", ["reference", "xla", "pallas"])
+@pytest.mark.parametrize("chunk,impl", [(c, i) for c in (1, 7, 64) for i in ("reference", "xla", "pallas")]
+                         + [(1, "pallas_decode")])
 def test_chunked_cache_equals_full_sequence(chunk, impl):
   window, t = 6, 70  # buffer of 5 slots: 14 full wraps; two chunks of 64
   attend = {"reference": attend_to_cache_reference, "xla": attend_to_cache_xla,
-            "pallas": functools.partial(attend_to_cache_pallas, block_k=16, interpret=True)}[impl]
+            "pallas": functools.partial(attend_to_cache_pallas, block_k=16, interpret=True),
+            "pallas_decode": functools.partial(attend_to_cache_decode_pallas, block_k=16, interpret=True)}[impl]
   q, k, v, _, _ = draw(f"cache{chunk}{impl}", 2, t, 4, 2, 8)
   full = attention_reference(q, k, v, window=window)
   assert rel(run_chunks(attend, q, k, v, window, window - 1, chunk), full) <= 1e-5

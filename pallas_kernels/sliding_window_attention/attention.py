@@ -79,17 +79,17 @@ def sliding_window_attention(q, k, v, *, window, segment_ids=None, scale=None, b
   raise ValueError(f"unknown backend {backend!r}; expected one of {BACKENDS}")
 
 
-# ``attend_to_cache``'s "auto": chunks of at least this many queries (prefill) go to the Pallas kernel on sm80+ GPUs;
-# shorter ones, decode included, to XLA's fused masked softmax, which beat the kernel at decode on an H100 (0.128 vs
-# 0.316 ms at C=1, L=8191: the kernel has only B*Hkv programs there and would need a split over the cache first).
+# ``attend_to_cache``'s "auto" on sm80+ GPUs: chunks of at least this many queries (prefill) go to the Pallas chunk
+# kernel; one query per row (decode) to the split-ring decode kernel (the chunk kernel, with only B*Hkv programs,
+# lost to XLA there: 0.316 vs 0.128 ms at C=1, L=8191 on an H100); chunks in between to XLA's fused masked softmax.
 PALLAS_CACHE_MIN_CHUNK = 64
 
 
 def choose_cache_backend(chunk: int) -> str:
   """The backend ``attend_to_cache``'s ``"auto"`` resolves to for ``chunk`` queries per row on the default device."""
-  if (chunk >= PALLAS_CACHE_MIN_CHUNK and _platform() in ("gpu", "cuda")
+  if ((chunk >= PALLAS_CACHE_MIN_CHUNK or chunk == 1) and _platform() in ("gpu", "cuda")
       and _gpu_capability() >= (8, 0)):
-    return "pallas_gpu"
+    return "pallas_gpu"  # one query per row: the split-ring decode kernel
   return "xla"  # also the TPU path: a chunk against <= window keys is one fused op
 
 
@@ -99,9 +99,13 @@ def attend_to_cache(q, k, v, cache_k, cache_v, cache_positions, q_positions, *, 
   cache ``cache_k, cache_v [B,L,Hkv,D]`` with slot positions ``cache_positions [B,L]`` (-1 empty)
   and query positions ``q_positions [B,C]`` (-1 padding). See ``cache.py`` for the rule.
   ``backend``: ``"auto"`` (``choose_cache_backend``), ``"xla"`` (``attend_to_cache_xla``: the reference's
-  math without copying the cache) or ``"pallas_gpu"``."""
+  math without copying the cache) or ``"pallas_gpu"`` (one query per row: ``attend_to_cache_decode_pallas``,
+  split along the ring; longer chunks: ``attend_to_cache_pallas``)."""
   if backend == "auto":
     backend = choose_cache_backend(q.shape[1])
+  if backend == "pallas_gpu" and q.shape[1] == 1:
+    return _cache.attend_to_cache_decode_pallas(q, k, v, cache_k, cache_v, cache_positions, q_positions,
+                                                window=window, scale=scale)
   if backend == "pallas_gpu":
     return _cache.attend_to_cache_pallas(q, k, v, cache_k, cache_v, cache_positions, q_positions,
                                          window=window, scale=scale)
