@@ -117,7 +117,7 @@ def profiled(name: str, fn, reps: int, out_dir: str, per: int = 1) -> dict:
 def swa_cache_section(args, out_dir: str) -> dict:
     """``attend_to_cache`` alone at InfiniteVL's SWA shape (Hq 16, Hkv 2, D 128, window 8192, bf16; tiny: the tiny
     model's), XLA reference vs Pallas kernel, chunks of 1 to 4096 queries against a full ring."""
-    from pallas_kernels.sliding_window_attention import PALLAS_CACHE_MIN_CHUNK, attend_to_cache
+    from pallas_kernels.sliding_window_attention import PALLAS_CACHE_MIN_CHUNK, attend_to_cache, choose_cache_backend
     from pallas_kernels.sliding_window_attention.cache import launch_config
 
     hq, hkv, d, window, dtype = (4, 2, 16, 16, jnp.float32) if args.tiny else (16, 2, 128, 8192, jnp.bfloat16)
@@ -146,7 +146,7 @@ def swa_cache_section(args, out_dir: str) -> dict:
             outs[backend] = np.asarray(o, np.float32)
         if len(outs) == 2:
             row["max_abs_diff"] = float(np.abs(outs["xla"] - outs["pallas_gpu"]).max())
-        row["auto"] = "pallas_gpu" if gpu and C >= PALLAS_CACHE_MIN_CHUNK else "xla"
+        row["auto"] = choose_cache_backend(C)
         rows[C] = row
         print(f"swa_cache C={C}: " + ", ".join(f"{k_} {v_:.3f}" if isinstance(v_, float) else f"{k_} {v_}"
                                               for k_, v_ in row.items()), flush=True)

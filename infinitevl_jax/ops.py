@@ -109,20 +109,40 @@ def attention_with_cache(q, k, v, cache_k, cache_v, cache_positions, q_positions
         ("b.h.", "b.h.", "b.h.", "b.h.", "b.h.", "b.", "b."), "b.h.", heads=k.shape[2])
 
 
-def gdn_decode_inputs(proj, conv_q, conv_k, conv_v, conv_w, A_log, dt_bias, live, *, num_heads: int, head_k: int,
-                      head_v: int):
-    """A Gated DeltaNet decode step's q, k, v, g, beta and new conv states from its fused input projection
-    ``proj [R >= B, N]`` (``pallas_kernels.gated_delta_rule.decode_inputs``; backend: the ``gdn`` choice)."""
-    from pallas_kernels.gated_delta_rule import decode_inputs as di
+def attention_with_cache_update(q, k, v, cache_k, cache_v, cache_positions, q_positions, *, window: int | None,
+                                out_rows: int | None = None):
+    """``attention_with_cache`` and the ring-buffer write of the same chunk (decode on GPUs: one kernel pair that
+    writes the ring in place). Returns ``(o [out_rows, C, Hq, D], cache_k, cache_v, cache_positions)``, rows of
+    ``o`` past B zeros."""
+    from pallas_kernels import sliding_window_attention as swa
+
+    chosen = backend("attention")
+    chosen = "auto" if chosen == "cudnn" else chosen  # cuDNN has no cache path
+    mesh = sharding.current_mesh()
+    if mesh is not None:  # a mesh of several devices: the separate steps, which partition
+        o = attention_with_cache(q, k, v, cache_k, cache_v, cache_positions, q_positions, window=window)
+        o, cache_k, cache_v, cache_positions = jax.lax.optimization_barrier((o, cache_k, cache_v, cache_positions))
+        new = swa.ring_buffer_write(cache_k, cache_v, cache_positions, k, v, q_positions)
+        rows = q.shape[0] if out_rows is None else out_rows
+        return (jax.numpy.pad(o, ((0, rows - q.shape[0]), (0, 0), (0, 0), (0, 0))), *new)
+    return swa.attend_to_cache_and_write(q, k, v, cache_k, cache_v, cache_positions, q_positions, window=window,
+                                         out_rows=out_rows, backend=chosen)
+
+
+def gdn_decode_mixer(proj, conv_q, conv_k, conv_v, conv_w, A_log, dt_bias, o_norm, live, state, *, num_heads: int,
+                     head_k: int, head_v: int, eps: float):
+    """One decode step of a Gated DeltaNet layer between its projections, from the fused input projection
+    ``proj [R >= B, N]`` to the o_proj input ``[R, H*V]`` (``pallas_kernels.gated_delta_rule.decode_mixer``;
+    backend: the ``gdn`` choice). Returns ``(y, conv_q, conv_k, conv_v, state)``."""
+    from pallas_kernels.gated_delta_rule import decode_mixer as dm
 
     chosen = backend("gdn")
-    B = conv_q.shape[0]
+    rows = "b." if proj.shape[0] == conv_q.shape[0] else ".."
 
-    def kernel(proj, conv_q, conv_k, conv_v, conv_w, A_log, dt_bias, live):
-        return di.decode_inputs(proj, conv_q, conv_k, conv_v, conv_w, A_log, dt_bias, live, num_heads=num_heads,
-                                head_k=head_k, head_v=head_v, backend=chosen)
+    def kernel(*args):
+        return dm.decode_mixer(*args, num_heads=num_heads, head_k=head_k, head_v=head_v, eps=eps, backend=chosen)
 
     return sharding.shard_over_batch_and_heads(
-        kernel, (proj, conv_q, conv_k, conv_v, conv_w, A_log, dt_bias, live),
-        ("b." if proj.shape[0] == B else "..", "b..", "b..", "b..", "..", ".", ".", "b"),
-        ("b...", "b...", "b...", "b..", "b..", "b..", "b..", "b.."), heads=num_heads)
+        kernel, (proj, conv_q, conv_k, conv_v, conv_w, A_log, dt_bias, o_norm, live, state),
+        (rows, "b..", "b..", "b..", "..", ".", ".", ".", "b", "b..."),
+        (rows, "b..", "b..", "b..", "b..."), heads=num_heads)

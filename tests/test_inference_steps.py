@@ -115,6 +115,42 @@ def test_fused_gdn_decode_step_equals_unfused(B, two_rows, monkeypatch):
         np.testing.assert_allclose(np.asarray(a), np.asarray(b), atol=1e-5, rtol=1e-5)
 
 
+@pytest.mark.parametrize("B,two_rows", [(1, True), (2, False)])
+def test_attention_decode_step_kernels_equal_xla(B, two_rows, monkeypatch):
+    """An SWA layer's one-token step through the decode kernels (split ring, then the combine kernel writing the ring
+    in place; interpret mode, 4-slot key blocks so the tiny ring spans several) equals the XLA step, ring included."""
+    from infinitevl_jax import ops
+    from infinitevl_jax.config import SWA
+    from infinitevl_jax.inference.cache import AttentionCache
+    from infinitevl_jax.modeling import layers
+    from infinitevl_jax.modeling.attention import Attention
+    from infinitevl_jax.modeling.rope import mrope_cos_sin
+    from pallas_kernels.sliding_window_attention import cache as swa_cache
+
+    monkeypatch.setattr(layers, "SINGLE_ROW_AS_TWO", two_rows)
+    monkeypatch.setattr(swa_cache, "DECODE_BLOCK_K", 4)
+    c = tiny_infinitevl().text
+    layer = Attention(c, SWA, rngs=nnx.Rngs(3))
+    L, hkv, d = c.sliding_window - 1, c.num_key_value_heads, c.head_dim
+    ks = jax.random.split(jax.random.key(B), 3)
+    p = 3 * L + 2  # a wrapped ring: slot i holds the latest position = i mod L
+    slots = np.arange(L)
+    cache = AttentionCache(jax.random.normal(ks[0], (B, L, hkv, d)), jax.random.normal(ks[1], (B, L, hkv, d)),
+                           jnp.asarray(np.broadcast_to(p - 1 - (p - 1 - slots) % L, (B, L)), jnp.int32))
+    x = jax.random.normal(ks[2], (B, 1, c.hidden_size))
+    qpos = jnp.full((B, 1), p, jnp.int32)
+    cos, sin = mrope_cos_sin(jnp.broadcast_to(qpos[None], (3, B, 1)), c.head_dim, c.rope_theta, c.mrope_section)
+    step = nnx.jit(lambda m, x, cache: m.step(x, cos=cos, sin=sin, q_positions=qpos, cache=cache))
+    with ops.use_backends(attention="xla"):
+        o_ref, c_ref = step(layer, x, cache)
+    layer.fuse_projections()
+    with ops.use_backends(attention="pallas_gpu"):
+        o, new = step(layer, x, cache)
+    np.testing.assert_allclose(np.asarray(o), np.asarray(o_ref), atol=1e-5, rtol=1e-5)
+    for a, b in zip(new, c_ref):
+        np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+
+
 def test_split_copies_only_the_blocks_and_consume_frees_them():
     model = InfiniteVLForConditionalGeneration(tiny_infinitevl(), rngs=nnx.Rngs(2))
     n = model.config.text.num_hidden_layers // 4

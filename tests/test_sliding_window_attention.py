@@ -20,7 +20,8 @@ from pallas_kernels.sliding_window_attention import (
     ring_buffer_write,
     sliding_window_attention,
 )
-from pallas_kernels.sliding_window_attention.cache import attend_to_cache_decode_pallas, attend_to_cache_pallas
+from pallas_kernels.sliding_window_attention.cache import (attend_to_cache_decode_pallas, attend_to_cache_pallas,
+                                                           decode_attend_and_write_pallas)
 from pallas_kernels.sliding_window_attention.flash_gpu import flash_attention
 from pallas_kernels.sliding_window_attention.splash_tpu import splash_attention
 
@@ -297,6 +298,34 @@ def test_chunked_cache_equals_full_sequence(chunk, impl):
   q, k, v, _, _ = draw(f"cache{chunk}{impl}", 2, t, 4, 2, 8)
   full = attention_reference(q, k, v, window=window)
   assert rel(run_chunks(attend, q, k, v, window, window - 1, chunk), full) <= 1e-5
+
+
+@pytest.mark.parametrize("block_k,out_rows", [(4, 2), (4, 4), (16, 3)])
+def test_decode_attend_and_write_equals_separate_steps(block_k, out_rows):
+  """Token by token through a 5-slot ring (14 full wraps), the fused decode step (split-ring kernel, then the
+  combine kernel writing the new key/value/position in place; interpret mode) equals ``attend_to_cache`` followed by
+  ``ring_buffer_write``: outputs, zero rows past B (and for the padding query of row 1 at every third step), and the
+  ring itself. A block larger than the ring takes the separate steps (block_k 16)."""
+  window, t, b = 6, 70, 2
+  q, k, v, _, _ = draw("fusedwrite", b, t, 4, 2, 8)
+  ref_cache = init_ring_buffer(b, window - 1, 2, 8, jnp.float32)
+  cache = ref_cache
+  fused = jax.jit(lambda *a: decode_attend_and_write_pallas(*a, window=window, out_rows=out_rows, block_k=block_k,
+                                                            splits=2, interpret=True))
+  separate = jax.jit(lambda qc, kc, vc, cache, pos: (attend_to_cache_reference(qc, kc, vc, *cache, pos, window=window),
+                                                      ring_buffer_write(*cache, kc, vc, pos)))
+  for i in range(t):
+    pos = jnp.asarray([[i], [i // 3 if i % 3 else -1]], jnp.int32)  # row 1: a slower stream with padding steps
+    sl = lambda x: x[:, i:i + 1]
+    o, *cache = fused(sl(q), sl(k), sl(v), *cache, pos)
+    o_ref, ref_cache = separate(sl(q), sl(k), sl(v), ref_cache, pos)
+    assert o.shape == (out_rows, 4, 8)
+    assert rel(o[:b], o_ref[:, 0]) <= 1e-5, (i, rel(o[:b], o_ref[:, 0]))
+    assert not np.any(np.asarray(o[b:]))
+    if i % 3 == 0:
+      assert not np.any(np.asarray(o[1]))
+    for a, r in zip(cache, ref_cache):
+      np.testing.assert_array_equal(np.asarray(a), np.asarray(r))
 
 
 def test_full_attention_cache_and_dispatch():

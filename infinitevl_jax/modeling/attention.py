@@ -8,9 +8,8 @@ from flax import nnx
 
 from infinitevl_jax import ops
 from infinitevl_jax.config import SWA, TextConfig
-from infinitevl_jax.modeling.layers import fuse_linears, linear, split_last
+from infinitevl_jax.modeling.layers import fuse_linears, linear, padded_row_count, split_last
 from infinitevl_jax.modeling.rope import apply_rotary
-from pallas_kernels.sliding_window_attention import ring_buffer_write
 
 
 class Attention(nnx.Module):
@@ -62,10 +61,7 @@ class Attention(nnx.Module):
         (or the maximum length for full attention). Returns ``(out [B,C,E], new cache of the same type)``.
         """
         q, k, v = self.project(x, cos, sin)
-        cache_k, cache_v, cache_pos = cache
-        o = ops.attention_with_cache(q, k, v, cache_k, cache_v, cache_pos, q_positions, window=self.window)
-        # The write updates the (donated) buffers in place: ordering it after the read above spares XLA a defensive
-        # copy of the whole ring buffer.
-        o, cache_k, cache_v, cache_pos = jax.lax.optimization_barrier((o, cache_k, cache_v, cache_pos))
-        new = ring_buffer_write(cache_k, cache_v, cache_pos, k, v, q_positions)
-        return self.o_proj(o.reshape(*x.shape[:2], -1)), type(cache)(*new)
+        B, C = x.shape[:2]
+        rows = padded_row_count(B) if C == 1 else B  # decode: the o_proj input at the rows its product runs with
+        o, *new = ops.attention_with_cache_update(q, k, v, *cache, q_positions, window=self.window, out_rows=rows)
+        return self.o_proj(o.reshape(rows, C, -1))[:B], type(cache)(*new)

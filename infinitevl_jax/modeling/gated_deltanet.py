@@ -145,15 +145,16 @@ class GatedDeltaNet(nnx.Module):
         conv_q, conv_k, conv_v, state = cache
         B, T, _ = x.shape
         if T == 1 and self.in_proj is not None:
-            # Decode with fused projections: convolutions, SiLU and gates as one op over the projected row(s).
-            proj = padded_rows(self.in_proj, x.reshape(B, -1))
-            HK, HV = self.num_heads * self.head_k, self.num_heads * self.head_v
-            q, k, v, g, beta, *conv = ops.gdn_decode_inputs(
-                proj, conv_q, conv_k, conv_v, self.qkv_conv1d[...], self.A_log[...], self.dt_bias[...], live[:, 0],
-                num_heads=self.num_heads, head_k=self.head_k, head_v=self.head_v)
-            gate = proj[:B, 2 * HK + HV:2 * HK + 2 * HV].reshape(B, 1, HV)
-        else:
-            q, k, v, g, beta, gate, conv = self.inputs(x, segment_ids, (conv_q, conv_k, conv_v), live)
+            # Decode with fused projections: everything between in_proj and o_proj as one op (two GPU kernels). Its
+            # output has the projection's rows (a single row may run as a padded two-row product).
+            y, *conv, new_state = ops.gdn_decode_mixer(
+                padded_rows(self.in_proj, x.reshape(B, -1)), conv_q, conv_k, conv_v, self.qkv_conv1d[...],
+                self.A_log[...], self.dt_bias[...], self.o_norm[...], live[:, 0], state.astype(jnp.float32),
+                num_heads=self.num_heads, head_k=self.head_k, head_v=self.head_v, eps=self.norm_eps)
+            out = self.o_proj(y.astype(x.dtype))[:B].reshape(B, 1, -1)
+            conv = tuple(c.astype(s.dtype) for c, s in zip(conv, (conv_q, conv_k, conv_v)))
+            return out, type(cache)(*conv, new_state.astype(state.dtype))
+        q, k, v, g, beta, gate, conv = self.inputs(x, segment_ids, (conv_q, conv_k, conv_v), live)
         o, new_state = ops.gated_delta_rule(q, k, v, g, beta, segment_ids=segment_ids,
                                             initial_state=state.astype(jnp.float32), output_final_state=True,
                                             recurrent=x.shape[1] == 1)

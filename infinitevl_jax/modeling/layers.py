@@ -38,11 +38,16 @@ def dot_general(lhs, rhs, dimension_numbers, precision=None, preferred_element_t
     return y[:1].reshape(*lhs.shape[:-1], rhs.shape[1])
 
 
+def padded_row_count(rows: int) -> int:
+    """The rows a product of ``rows`` input rows runs with: 2 for a single row under ``SINGLE_ROW_AS_TWO``."""
+    return 2 if rows == 1 and _two_rows() else rows
+
+
 def padded_rows(lin: nnx.Linear, x: jax.Array) -> jax.Array:
     """``lin(x)`` for ``x [R, in]`` as ``[R', out]``, R' >= R, the rows past R being padding: a single row is the
     padded two-row product (``SINGLE_ROW_AS_TWO``) kept at two rows, for consumers that read only the first (a
     slice feeding a custom call would be one more copy kernel)."""
-    if x.shape[0] == 1 and _two_rows():
+    if padded_row_count(x.shape[0]) > x.shape[0]:
         x = jnp.concatenate([x, jnp.zeros_like(x)])
     return lin(x)
 

@@ -22,6 +22,7 @@ from jax import lax
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as plgpu
 
+from pallas_kernels import _compat
 from pallas_kernels.sliding_window_attention.reference import masked_softmax_attention, visible
 
 
@@ -290,13 +291,16 @@ def _decode_kernel(q_ref, qp_ref, ck_ref, cv_ref, cp_ref, acc_ref, m_ref, l_ref,
       vis &= kpos > qpos - window
     k = ck_ref[pl.ds(k0, bk), :]
     v = cv_ref[pl.ds(k0, bk), :]
-    s = lax.dot_general(q, k, (((1,), (1,)), ((), ())), preferred_element_type=jnp.float32)
+    # float32 operands (tests) at full precision: the GPU's default would be TF32
+    s = lax.dot_general(q, k, (((1,), (1,)), ((), ())), preferred_element_type=jnp.float32,
+                        precision=lax.Precision.HIGHEST)
     s = jnp.where(vis, s * qk_scale, _NEG)
     m_new = jnp.maximum(m_i, jnp.max(s, axis=1))
     alpha = jnp.exp2(m_i - m_new)
     p = jnp.where(vis, jnp.exp2(s - m_new[:, None]), 0.0)
     l_i = l_i * alpha + jnp.sum(p, axis=1)
-    acc = acc * alpha[:, None] + jnp.dot(p.astype(v.dtype), v, preferred_element_type=jnp.float32)
+    acc = acc * alpha[:, None] + jnp.dot(p.astype(v.dtype), v, preferred_element_type=jnp.float32,
+                                         precision=lax.Precision.HIGHEST)
     return acc, m_new, l_i
 
   r, d = q.shape
@@ -307,11 +311,46 @@ def _decode_kernel(q_ref, qp_ref, ck_ref, cv_ref, cp_ref, acc_ref, m_ref, l_ref,
   l_ref[...] = l_i
 
 
+def _decode_partials(q, cache_k, cache_v, cache_positions, q_positions, *, window, qk_scale, hkv, splits, block_k,
+                     num_warps, num_stages, interpret):
+  """The split-ring kernel's partials (``interpret`` None: compiled on a GPU, interpreted elsewhere) ``acc [B Hkv, S, rows, D]``, ``m, l [B Hkv, S, rows]`` float32 (S a power of
+  two: splits past the ring's blocks are empty, m = -1e30 and l = acc = 0)."""
+  b, _, hq, d = q.shape
+  g = hq // hkv
+  rows_n = max(DECODE_ROWS, 1 << (g - 1).bit_length())
+  cache_k, cache_v, cpos = _fit_ring(cache_k, cache_v, cache_positions, block_k)
+  length = cache_k.shape[1]
+  nblocks = -(-length // block_k)
+  per_split = -(-nblocks // min(splits, nblocks))
+  n_splits = 1 << (-(-nblocks // per_split) - 1).bit_length()
+  interpret = _compat.gpu_interpret() if interpret is None else interpret
+  rows = jnp.pad(q.reshape(b, hkv, g, d), ((0, 0), (0, 0), (0, rows_n - g), (0, 0))).astype(cache_k.dtype)
+  rpos = jnp.broadcast_to(q_positions.astype(jnp.int32), (b, rows_n))
+  kv_spec = pl.BlockSpec((None, length, None, d), lambda bh, i: (bh // hkv, 0, bh % hkv, 0))
+  return pl.pallas_call(
+      functools.partial(_decode_kernel, qk_scale=qk_scale, window=window, bk=block_k, length=length,
+                        per_split=per_split),
+      grid=(b * hkv, n_splits),
+      in_specs=[pl.BlockSpec((None, None, rows_n, d), lambda bh, i: (bh // hkv, bh % hkv, 0, 0)),
+                pl.BlockSpec((None, rows_n), lambda bh, i: (bh // hkv, 0)),
+                kv_spec, kv_spec, pl.BlockSpec((None, length), lambda bh, i: (bh // hkv, 0))],
+      out_specs=[pl.BlockSpec((None, None, rows_n, d), lambda bh, i: (bh, i, 0, 0)),
+                 pl.BlockSpec((None, None, rows_n), lambda bh, i: (bh, i, 0)),
+                 pl.BlockSpec((None, None, rows_n), lambda bh, i: (bh, i, 0))],
+      out_shape=[jax.ShapeDtypeStruct((b * hkv, n_splits, rows_n, d), jnp.float32),
+                 jax.ShapeDtypeStruct((b * hkv, n_splits, rows_n), jnp.float32),
+                 jax.ShapeDtypeStruct((b * hkv, n_splits, rows_n), jnp.float32)],
+      compiler_params=plgpu.CompilerParams(num_warps=num_warps, num_stages=num_stages),
+      interpret=interpret,
+      name="swa_decode",
+  )(rows, rpos, cache_k, cache_v.astype(cache_k.dtype), cpos)
+
+
 def attend_to_cache_decode_pallas(q, k, v, cache_k, cache_v, cache_positions, q_positions, *, window, scale=None,
-                                  splits=None, block_k=None, num_warps=4, num_stages=2, interpret=False):
+                                  splits=None, block_k=None, num_warps=4, num_stages=2, interpret=None):
   """``attend_to_cache`` for one query per row (decode) as a split-ring Pallas (Triton) kernel plus an XLA combine.
 
-  Grid (batch x kv heads, ``splits``): each program takes the ``Hq // Hkv`` query heads of its kv head (padded to
+  Grid (batch x kv heads, splits): each program takes the ``Hq // Hkv`` query heads of its kv head (padded to
   ``DECODE_ROWS`` rows) against a contiguous run of ``block_k``-slot blocks of the ring, and writes its unnormalised
   output, row maximum and row sum (base-2 exponents). The combine rescales the partials to a joint maximum, adds the
   new token's own key and value (a query always sees itself), and normalises; a row with nothing visible (a padding
@@ -320,44 +359,20 @@ def attend_to_cache_decode_pallas(q, k, v, cache_k, cache_v, cache_positions, q_
   if c != 1:
     raise ValueError(f"attend_to_cache_decode_pallas takes one query per row, got a chunk of {c}")
   g = hq // hkv
-  rows_n = max(DECODE_ROWS, 1 << (g - 1).bit_length())
-  block_k = DECODE_BLOCK_K if block_k is None else block_k
-  cache_k, cache_v, cpos = _fit_ring(cache_k, cache_v, cache_positions, block_k)
-  length = cache_k.shape[1]
-  nblocks = -(-length // block_k)
-  splits = min(DECODE_SPLITS if splits is None else splits, nblocks)
-  per_split = -(-nblocks // splits)
-  splits = -(-nblocks // per_split)
-  qpos = q_positions.astype(jnp.int32)  # [B, 1]
-  rows = jnp.pad(q.reshape(b, hkv, g, d), ((0, 0), (0, 0), (0, rows_n - g), (0, 0))).astype(cache_k.dtype)
-  rpos = jnp.broadcast_to(qpos, (b, rows_n))
   qk_scale = scale * math.log2(math.e)
-  kv_spec = pl.BlockSpec((None, length, None, d), lambda bh, i: (bh // hkv, 0, bh % hkv, 0))
-  acc, m, l = pl.pallas_call(
-      functools.partial(_decode_kernel, qk_scale=qk_scale, window=window, bk=block_k, length=length,
-                        per_split=per_split),
-      grid=(b * hkv, splits),
-      in_specs=[pl.BlockSpec((None, None, rows_n, d), lambda bh, i: (bh // hkv, bh % hkv, 0, 0)),
-                pl.BlockSpec((None, rows_n), lambda bh, i: (bh // hkv, 0)),
-                kv_spec, kv_spec, pl.BlockSpec((None, length), lambda bh, i: (bh // hkv, 0))],
-      out_specs=[pl.BlockSpec((None, None, rows_n, d), lambda bh, i: (bh, i, 0, 0)),
-                 pl.BlockSpec((None, None, rows_n), lambda bh, i: (bh, i, 0)),
-                 pl.BlockSpec((None, None, rows_n), lambda bh, i: (bh, i, 0))],
-      out_shape=[jax.ShapeDtypeStruct((b * hkv, splits, rows_n, d), jnp.float32),
-                 jax.ShapeDtypeStruct((b * hkv, splits, rows_n), jnp.float32),
-                 jax.ShapeDtypeStruct((b * hkv, splits, rows_n), jnp.float32)],
-      compiler_params=plgpu.CompilerParams(num_warps=num_warps, num_stages=num_stages),
-      interpret=interpret,
-      name="swa_decode",
-  )(rows, rpos, cache_k, cache_v.astype(cache_k.dtype), cpos)
+  acc, m, l = _decode_partials(q, cache_k, cache_v, cache_positions, q_positions, window=window, qk_scale=qk_scale,
+                               hkv=hkv, splits=DECODE_SPLITS if splits is None else splits,
+                               block_k=DECODE_BLOCK_K if block_k is None else block_k, num_warps=num_warps,
+                               num_stages=num_stages, interpret=interpret)
   f32 = jnp.float32
-  acc = acc.reshape(b, hkv, splits, rows_n, d)[:, :, :, :g]
-  m = m.reshape(b, hkv, splits, rows_n)[:, :, :, :g]
-  l = l.reshape(b, hkv, splits, rows_n)[:, :, :, :g]
+  n_splits, rows_n = m.shape[1:]
+  acc = acc.reshape(b, hkv, n_splits, rows_n, d)[:, :, :, :g]
+  m = m.reshape(b, hkv, n_splits, rows_n)[:, :, :, :g]
+  l = l.reshape(b, hkv, n_splits, rows_n)[:, :, :, :g]
   # the new token's own key: visible to its query unless the query is padding
   qg = q.reshape(b, hkv, g, d)
   s_new = jnp.einsum("bhgd,bhd->bhg", qg.astype(f32), k[:, 0].astype(f32)) * qk_scale
-  live = (qpos >= 0)[:, :, None]  # [B, 1, 1]
+  live = (q_positions.astype(jnp.int32) >= 0)[:, :, None]  # [B, 1, 1]
   top = jnp.maximum(jnp.max(m, axis=2), jnp.where(live, s_new, _NEG))  # [B, Hkv, G]
   w = jnp.exp2(m - top[:, :, None])
   w_new = jnp.where(live, jnp.exp2(s_new - top), 0.0)
@@ -365,3 +380,94 @@ def attend_to_cache_decode_pallas(q, k, v, cache_k, cache_v, cache_positions, q_
   num = jnp.sum(acc * w[..., None], axis=2) + w_new[..., None] * v[:, 0].astype(f32)[:, :, None, :]
   o = num / jnp.where(den == 0.0, 1.0, den)[..., None]
   return o.reshape(b, 1, hq, d).astype(q.dtype)
+
+
+def _combine_write_kernel(acc_ref, m_ref, l_ref, q_ref, k_ref, v_ref, qp_ref, ck_ref, cv_ref, cp_ref, o_ref, ck_out,
+                          cv_out, cp_out, *, qk_scale, rows, heads, group, length):
+  del ck_ref, cv_ref, cp_ref  # aliased to the outputs: written in place, never read here
+  f32 = jnp.float32
+  n = pl.program_id(0)
+  real = n // heads < rows
+
+  @pl.when(real)
+  def _():
+    qpos = qp_ref[0]
+    live = qpos >= 0
+    m, l, acc = m_ref[...], l_ref[...], acc_ref[...]  # [S], [S], [S, D]
+    kn = k_ref[...]
+    s_new = jnp.where(live, jnp.sum(q_ref[...].astype(f32) * kn.astype(f32)) * qk_scale, _NEG)
+    top = jnp.maximum(jnp.max(m), s_new)
+    w = jnp.exp2(m - top)
+    w_new = jnp.where(live, jnp.exp2(s_new - top), 0.0)
+    den = jnp.sum(l * w) + w_new
+    num = jnp.sum(acc * w[:, None], axis=0) + w_new * v_ref[...].astype(f32)
+    o_ref[...] = (num / jnp.where(den == 0.0, 1.0, den)).astype(o_ref.dtype)
+    first = n % group == 0  # one program per (row, kv head) writes the new key and value into slot position % L
+
+    @pl.when(live & first)
+    def _():
+      slot = qpos % length
+      ck_out[pl.ds(slot, 1), :] = kn[None, :].astype(ck_out.dtype)
+      cv_out[pl.ds(slot, 1), :] = v_ref[...][None, :].astype(cv_out.dtype)
+
+    @pl.when(live & (n % heads == 0))
+    def _():
+      cp_out[pl.ds(qpos % length, 1)] = jnp.full((1,), qpos, cp_out.dtype)
+
+  @pl.when(jnp.logical_not(real))
+  def _():
+    o_ref[...] = jnp.zeros(o_ref.shape, o_ref.dtype)
+
+
+def decode_attend_and_write_pallas(q, k, v, cache_k, cache_v, cache_positions, q_positions, *, window, scale=None,
+                                   out_rows=None, splits=None, block_k=None, num_warps=4, num_stages=2,
+                                   interpret=None):
+  """One decode step of an attention layer against its ring: ``attend_to_cache`` then ``ring_buffer_write``, as the
+  split-ring kernel plus a second Pallas kernel that combines the partials with the new token's own key and writes
+  the new key, value and position into the ring in place (after every read of it: no copy of the buffers).
+
+  Returns ``(o [out_rows, Hq, D], cache_k, cache_v, cache_positions)``: rows past B of ``o`` are zeros (the next
+  product may run a single row as two). A ring shorter than one key block takes the separate steps."""
+  b, c, hq, d, hkv, scale = _check_cache_shapes(q, k, cache_k, scale)
+  if c != 1:
+    raise ValueError(f"decode_attend_and_write_pallas takes one query per row, got a chunk of {c}")
+  out_rows = b if out_rows is None else out_rows
+  block_k = DECODE_BLOCK_K if block_k is None else block_k
+  length = cache_k.shape[1]
+  if length < block_k:
+    o = attend_to_cache_decode_pallas(q, k, v, cache_k, cache_v, cache_positions, q_positions, window=window,
+                                      scale=scale, splits=splits, block_k=block_k, interpret=interpret)
+    o = jnp.pad(o[:, 0], ((0, out_rows - b), (0, 0), (0, 0)))
+    return (o, *ring_buffer_write(cache_k, cache_v, cache_positions, k, v, q_positions))
+  g = hq // hkv
+  qk_scale = scale * math.log2(math.e)
+  acc, m, l = _decode_partials(q, cache_k, cache_v, cache_positions, q_positions, window=window, qk_scale=qk_scale,
+                               hkv=hkv, splits=DECODE_SPLITS if splits is None else splits, block_k=block_k,
+                               num_warps=num_warps, num_stages=num_stages, interpret=interpret)
+  n_splits, rows_n = m.shape[1:]
+  interpret = _compat.gpu_interpret() if interpret is None else interpret
+  # program n over out_rows x Hq: row r = n // Hq, query head n % Hq = kv head x group + head in group
+  r_ = lambda n: jnp.minimum(n // hq, b - 1)  # rows past B read row B - 1's blocks (and write only zeros)
+  part = lambda n: r_(n) * hkv + (n % hq) // g
+  ring = pl.BlockSpec((None, length, None, d), lambda n: (r_(n), 0, (n % hq) // g, 0))
+  pos = pl.BlockSpec((None, length), lambda n: (r_(n), 0))
+  vec_kv = pl.BlockSpec((None, None, d), lambda n: (r_(n), (n % hq) // g, 0))
+  o, ck, cv, cp = pl.pallas_call(
+      functools.partial(_combine_write_kernel, qk_scale=qk_scale, rows=b, heads=hq, group=g, length=length),
+      grid=(out_rows * hq,),
+      in_specs=[pl.BlockSpec((None, n_splits, None, d), lambda n: (part(n), 0, n % g, 0)),
+                pl.BlockSpec((None, n_splits, None), lambda n: (part(n), 0, n % g)),
+                pl.BlockSpec((None, n_splits, None), lambda n: (part(n), 0, n % g)),
+                pl.BlockSpec((None, None, d), lambda n: (r_(n), n % hq, 0)), vec_kv, vec_kv,
+                pl.BlockSpec((None, 1), lambda n: (r_(n), 0)), ring, ring, pos],
+      out_specs=[pl.BlockSpec((None, None, d), lambda n: (n // hq, n % hq, 0)), ring, ring, pos],
+      out_shape=[jax.ShapeDtypeStruct((out_rows, hq, d), q.dtype), jax.ShapeDtypeStruct(cache_k.shape, cache_k.dtype),
+                 jax.ShapeDtypeStruct(cache_v.shape, cache_v.dtype),
+                 jax.ShapeDtypeStruct(cache_positions.shape, jnp.int32)],
+      input_output_aliases={7: 1, 8: 2, 9: 3},
+      compiler_params=plgpu.CompilerParams(num_warps=num_warps, num_stages=1),
+      interpret=interpret,
+      name="swa_decode_combine",
+  )(acc, m, l, q.reshape(b, hq, d), k.reshape(b, hkv, d), v.reshape(b, hkv, d), q_positions.astype(jnp.int32),
+    cache_k, cache_v, cache_positions.astype(jnp.int32))
+  return o, ck, cv, cp
