@@ -118,15 +118,12 @@ def attention_with_cache_update(q, k, v, cache_k, cache_v, cache_positions, q_po
 
     chosen = backend("attention")
     chosen = "auto" if chosen == "cudnn" else chosen  # cuDNN has no cache path
-    mesh = sharding.current_mesh()
-    if mesh is not None:  # a mesh of several devices: the separate steps, which partition
-        o = attention_with_cache(q, k, v, cache_k, cache_v, cache_positions, q_positions, window=window)
-        o, cache_k, cache_v, cache_positions = jax.lax.optimization_barrier((o, cache_k, cache_v, cache_positions))
-        new = swa.ring_buffer_write(cache_k, cache_v, cache_positions, k, v, q_positions)
-        rows = q.shape[0] if out_rows is None else out_rows
-        return (jax.numpy.pad(o, ((0, rows - q.shape[0]), (0, 0), (0, 0), (0, 0))), *new)
+    # On a mesh of several devices: the two steps, the attention through ``attention_with_cache`` (per-device kernel
+    # under shard_map), the write on the whole (sharded) ring.
+    attend = None if sharding.current_mesh() is None else (
+        lambda q, k, v, ck, cv, cp, qp, *, window, scale: attention_with_cache(q, k, v, ck, cv, cp, qp, window=window))
     return swa.attend_to_cache_and_write(q, k, v, cache_k, cache_v, cache_positions, q_positions, window=window,
-                                         out_rows=out_rows, backend=chosen)
+                                         out_rows=out_rows, backend=chosen, attend=attend)
 
 
 def gdn_decode_mixer(proj, conv_q, conv_k, conv_v, conv_w, A_log, dt_bias, o_norm, live, state, *, num_heads: int,

@@ -152,16 +152,15 @@ class GatedDeltaNet(nnx.Module):
                 self.A_log[...], self.dt_bias[...], self.o_norm[...], live[:, 0], state.astype(jnp.float32),
                 num_heads=self.num_heads, head_k=self.head_k, head_v=self.head_v, eps=self.norm_eps)
             out = self.o_proj(y.astype(x.dtype))[:B].reshape(B, 1, -1)
-            conv = tuple(c.astype(s.dtype) for c, s in zip(conv, (conv_q, conv_k, conv_v)))
-            return out, type(cache)(*conv, new_state.astype(state.dtype))
-        q, k, v, g, beta, gate, conv = self.inputs(x, segment_ids, (conv_q, conv_k, conv_v), live)
-        o, new_state = ops.gated_delta_rule(q, k, v, g, beta, segment_ids=segment_ids,
-                                            initial_state=state.astype(jnp.float32), output_final_state=True,
-                                            recurrent=x.shape[1] == 1)
-        if x.shape[1] > 1:
-            # A row that is still all padding keeps an empty state. (One token: a padding row has seen only padding,
-            # so its state and conv windows are zeros and its zeroed q/k/v keep them zero; no pass over the state.)
-            new_state = jnp.where(live[:, -1, None, None, None], new_state, 0.0)
-        new_state = new_state.astype(state.dtype)
+        else:
+            q, k, v, g, beta, gate, conv = self.inputs(x, segment_ids, (conv_q, conv_k, conv_v), live)
+            o, new_state = ops.gated_delta_rule(q, k, v, g, beta, segment_ids=segment_ids,
+                                                initial_state=state.astype(jnp.float32), output_final_state=True,
+                                                recurrent=T == 1)
+            if T > 1:
+                # A row that is still all padding keeps an empty state. (One token: a padding row has seen only
+                # padding, so its state and conv windows are zeros and its zeroed q/k/v keep them zero.)
+                new_state = jnp.where(live[:, -1, None, None, None], new_state, 0.0)
+            out = self.output(gate, o, x.dtype)
         conv = tuple(c.astype(s.dtype) for c, s in zip(conv, (conv_q, conv_k, conv_v)))
-        return self.output(gate, o, x.dtype), type(cache)(*conv, new_state)
+        return out, type(cache)(*conv, new_state.astype(state.dtype))

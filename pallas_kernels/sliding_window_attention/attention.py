@@ -15,6 +15,8 @@ ids (measured faster), our Pallas kernel for packed batches; otherwise xla).
 
 from __future__ import annotations
 
+import functools
+
 import jax
 import jax.numpy as jnp
 
@@ -119,21 +121,23 @@ ring_buffer_write = _cache.ring_buffer_write
 
 
 def attend_to_cache_and_write(q, k, v, cache_k, cache_v, cache_positions, q_positions, *, window, scale=None,
-                              out_rows=None, backend="auto"):
+                              out_rows=None, backend="auto", attend=None):
   """``attend_to_cache`` then ``ring_buffer_write`` for the same chunk: returns ``(o [out_rows, C, Hq, D], cache_k,
   cache_v, cache_positions)``, rows past B of ``o`` zeros (``out_rows`` default B). One query per row on the GPU
   kernels (``backend`` resolving to ``"pallas_gpu"``) is ``decode_attend_and_write_pallas``: the combine kernel
-  writes the ring in place; otherwise the two steps, the write ordered after the read."""
+  writes the ring in place; otherwise the two steps, the write ordered after the read. ``attend``: a replacement for
+  ``attend_to_cache`` (same arguments; e.g. one run under ``shard_map``), which always takes the two steps."""
   b, c = q.shape[:2]
   out_rows = b if out_rows is None else out_rows
   if out_rows < b:
     raise ValueError(f"out_rows ({out_rows}) must be at least the batch ({b})")
-  if (backend == "auto" and choose_cache_backend(c) == "pallas_gpu" or backend == "pallas_gpu") and c == 1:
+  kernel = backend == "pallas_gpu" or backend == "auto" and choose_cache_backend(c) == "pallas_gpu"
+  if attend is None and kernel and c == 1:
     o, *new = _cache.decode_attend_and_write_pallas(q, k, v, cache_k, cache_v, cache_positions, q_positions,
                                                      window=window, scale=scale, out_rows=out_rows)
     return (o[:, None], *new)
-  o = attend_to_cache(q, k, v, cache_k, cache_v, cache_positions, q_positions, window=window, scale=scale,
-                      backend=backend)
+  attend = functools.partial(attend_to_cache, backend=backend) if attend is None else attend
+  o = attend(q, k, v, cache_k, cache_v, cache_positions, q_positions, window=window, scale=scale)
   # The write updates the (donated) buffers in place: ordering it after the read spares XLA a defensive copy of the
   # whole ring buffer.
   o, cache_k, cache_v, cache_positions = jax.lax.optimization_barrier((o, cache_k, cache_v, cache_positions))
