@@ -37,6 +37,7 @@ import jax.numpy as jnp
 from jax.experimental import pallas as pl
 
 from .. import _compat
+from . import chunk
 from .fused_recurrent import decode_step
 from .naive import L2NORM_EPS
 
@@ -239,16 +240,16 @@ def decode_mixer_gpu(proj, conv_q, conv_k, conv_v, conv_w, A_log, dt_bias, o_nor
 
 
 def resolve_backend(backend, K, V, W) -> str:
-  """"pallas_gpu" asks for the kernels; "auto" takes them on a CUDA GPU of compute capability >= 8.0 where the dims
-  fit; "xla" (and "pallas_tpu": no TPU kernel) is the reference."""
+  """"pallas_gpu" asks for the kernels; "auto" takes them where the chunked function's "auto" picks its GPU kernels
+  (a CUDA GPU of compute capability >= 8.0) and the dims fit; "xla" (and "pallas_tpu": no TPU kernel) is the
+  reference."""
   if backend == "pallas_gpu":
     if not supported(K, V, W):
       raise ValueError(f"pallas_gpu decode_mixer does not support K={K}, V={V}, W={W}")
     return backend
-  if backend == "auto" and supported(K, V, W):
-    dev = jax.devices()[0]
-    if dev.platform == "gpu" and float(getattr(dev, "compute_capability", "0") or 0) >= 8.0:
-      return "pallas_gpu"
+  if (backend == "auto" and supported(K, V, W)
+      and chunk.resolve_backend("auto", K, V, 64, jnp.bfloat16) == "pallas_gpu"):
+    return "pallas_gpu"
   return "xla"
 
 
