@@ -37,23 +37,31 @@ def supported(K, V) -> bool:
   return all(d % 16 == 0 and d <= 256 and d & (d - 1) == 0 for d in (K, V))
 
 
+def l2norm_column(x):
+  """A float32 [K, 1] column divided by its L2 norm (the oracle's epsilon), inside a kernel."""
+  return x * jax.lax.rsqrt(jnp.sum(x * x, axis=0, keepdims=True) + L2NORM_EPS)
+
+
+def update(s, q, k, v, a, beta):
+  """The one-token update of a [K, BV] float32 state slice inside a kernel: q, k [K, 1] (normalised, q scaled),
+  v [1, BV], a = exp(g) and beta [1, 1], all float32. Returns (o [1, BV], new slice)."""
+  ks = jnp.sum(s * k, axis=0, keepdims=True)  # [1, BV]
+  qs = jnp.sum(s * q, axis=0, keepdims=True)
+  qk = jnp.sum(q * k, axis=0, keepdims=True)  # [1, 1]
+  vn = beta * (v - a * ks)  # [1, BV]
+  return a * qs + qk * vn, a * s + k * vn
+
+
 def _decode_kernel(q_ref, k_ref, v_ref, g_ref, beta_ref, s_ref, o_ref, s_out_ref, *, scale, l2norm):
   f32 = jnp.float32
   q = q_ref[...].astype(f32)  # [K, 1]
   k = k_ref[...].astype(f32)  # [K, 1]
   if l2norm:
-    q = q * jax.lax.rsqrt(jnp.sum(q * q, axis=0, keepdims=True) + L2NORM_EPS)
-    k = k * jax.lax.rsqrt(jnp.sum(k * k, axis=0, keepdims=True) + L2NORM_EPS)
-  q = q * scale
-  a = jnp.exp(g_ref[...].astype(f32))  # [1, 1]
-  beta = beta_ref[...].astype(f32)  # [1, 1]
-  s = s_ref[...]  # [K, BV] float32
-  ks = jnp.sum(s * k, axis=0, keepdims=True)  # [1, BV]
-  qs = jnp.sum(s * q, axis=0, keepdims=True)
-  qk = jnp.sum(q * k, axis=0, keepdims=True)  # [1, 1]
-  vn = beta * (v_ref[...].astype(f32) - a * ks)  # [1, BV]
-  o_ref[...] = (a * qs + qk * vn).astype(o_ref.dtype)
-  s_out_ref[...] = a * s + k * vn
+    q, k = l2norm_column(q), l2norm_column(k)
+  o, s_new = update(s_ref[...], q * scale, k, v_ref[...].astype(f32), jnp.exp(g_ref[...].astype(f32)),
+                    beta_ref[...].astype(f32))
+  o_ref[...] = o.astype(o_ref.dtype)
+  s_out_ref[...] = s_new
 
 
 def _decode_call(q, k, v, g, beta, state, *, scale, l2norm, interpret):

@@ -37,9 +37,8 @@ import jax.numpy as jnp
 from jax.experimental import pallas as pl
 
 from .. import _compat
-from . import chunk
+from . import chunk, decode_gpu
 from .fused_recurrent import decode_step
-from .naive import L2NORM_EPS
 
 BV = 32  # value columns per program of kernel 1 (as decode_gpu: ~one program per SM at B = 1, H = 16, V = 256)
 NUM_WARPS = 4
@@ -129,10 +128,6 @@ def _shift(c_out, prev, x, taps):
   c_out[taps - 2, :] = x.astype(c_out.dtype)
 
 
-def _l2norm(x):
-  return x * jax.lax.rsqrt(jnp.sum(x * x) + L2NORM_EPS)
-
-
 def _mix_kernel(qr_ref, kr_ref, vr_ref, a_ref, b_ref, cq_ref, ck_ref, cv_ref, wq_ref, wk_ref, wv_ref, alog_ref, dtb_ref,
                 live_ref, s_ref, o_ref, cv_out, s_out, *, taps, scale):
   f32 = jnp.float32
@@ -142,19 +137,13 @@ def _mix_kernel(qr_ref, kr_ref, vr_ref, a_ref, b_ref, cq_ref, ck_ref, cv_ref, wq
   _, _, k = _conv_silu(kr_ref, ck_ref, wk_ref, keep, taps)
   xv, prev_v, v = _conv_silu(vr_ref, cv_ref, wv_ref, keep, taps)  # [BV]
   _shift(cv_out, prev_v, xv, taps)  # this program's own slice of the v window
-  q = _l2norm(q) * scale
-  k = _l2norm(k)
   a = a_ref[...].astype(f32) + dtb_ref[...].astype(f32)  # [1]
   g = -jnp.exp(alog_ref[...].astype(f32)) * (jnp.maximum(a, 0.0) + jnp.log1p(jnp.exp(-jnp.abs(a))))
-  decay = jnp.exp(g)[:, None]  # [1, 1]
   beta = (1.0 / (1.0 + jnp.exp(-b_ref[...].astype(f32))))[:, None]
-  kc, qc = k[:, None], q[:, None]
-  ks = jnp.sum(s * kc, axis=0, keepdims=True)  # [1, BV]
-  qs = jnp.sum(s * qc, axis=0, keepdims=True)
-  qk = jnp.sum(qc * kc, axis=0, keepdims=True)  # [1, 1]
-  vn = beta * (v[None, :] - decay * ks)
-  o_ref[...] = (decay * qs + qk * vn).astype(o_ref.dtype)  # [1, BV]
-  s_out[...] = decay * s + kc * vn
+  o, s_new = decode_gpu.update(s, decode_gpu.l2norm_column(q[:, None]) * scale, decode_gpu.l2norm_column(k[:, None]),
+                               v[None, :], jnp.exp(g)[:, None], beta)
+  o_ref[...] = o.astype(o_ref.dtype)  # [1, BV]
+  s_out[...] = s_new
 
 
 def _out_kernel(o_ref, gate_ref, qr_ref, kr_ref, cq_ref, ck_ref, w_ref, live_ref, y_ref, cq_out, ck_out, *, taps, eps,
