@@ -1,6 +1,6 @@
-"""The one dispatch point for the token mixers.
+"""The one dispatch point for the token mixers (and the decode step's residual add + RMSNorm).
 
-Model code calls ``gated_delta_rule``, ``attention`` and ``attention_with_cache`` here; this module forwards to the
+Model code calls ``gated_delta_rule``, ``attention``, ``attention_with_cache`` and ``add_rms_norm`` here; this module forwards to the
 kernels in ``pallas_kernels`` with the backend chosen by ``use_backends`` (default ``"auto"``: each kernel package
 picks by platform and falls back to its pure-JAX reference where no kernel can run).
 
@@ -18,9 +18,10 @@ import jax
 from infinitevl_jax import sharding
 
 _state = threading.local()
-_DEFAULTS = {"gdn": "auto", "attention": "auto"}
+_DEFAULTS = {"gdn": "auto", "attention": "auto", "norm": "auto"}
 GDN_BACKENDS = ("auto", "xla", "pallas_tpu", "pallas_gpu")
 ATTENTION_BACKENDS = ("auto", "xla", "cudnn", "pallas_tpu", "pallas_gpu")
+NORM_BACKENDS = ("auto", "xla", "pallas_gpu")
 
 
 def _current() -> dict:
@@ -34,17 +35,16 @@ def backend(op: str) -> str:
 
 
 @contextlib.contextmanager
-def use_backends(*, gdn: str | None = None, attention: str | None = None):
+def use_backends(*, gdn: str | None = None, attention: str | None = None, norm: str | None = None):
     """Selects kernel backends for everything traced inside the block, e.g. ``use_backends(gdn="xla")``."""
-    if gdn is not None and gdn not in GDN_BACKENDS:
-        raise ValueError(f"unknown gdn backend {gdn!r}; choose from {GDN_BACKENDS}")
-    if attention is not None and attention not in ATTENTION_BACKENDS:
-        raise ValueError(f"unknown attention backend {attention!r}; choose from {ATTENTION_BACKENDS}")
+    chosen = {"gdn": (gdn, GDN_BACKENDS), "attention": (attention, ATTENTION_BACKENDS), "norm": (norm, NORM_BACKENDS)}
+    for op, (name, allowed) in chosen.items():
+        if name is not None and name not in allowed:
+            raise ValueError(f"unknown {op} backend {name!r}; choose from {allowed}")
     saved = dict(_current())
-    if gdn is not None:
-        _current()["gdn"] = gdn
-    if attention is not None:
-        _current()["attention"] = attention
+    for op, (name, _) in chosen.items():
+        if name is not None:
+            _current()[op] = name
     try:
         yield
     finally:
@@ -143,3 +143,14 @@ def gdn_decode_mixer(proj, conv_q, conv_k, conv_v, conv_w, A_log, dt_bias, o_nor
         kernel, (proj, conv_q, conv_k, conv_v, conv_w, A_log, dt_bias, o_norm, live, state),
         (rows, "b..", "b..", "b..", "..", ".", ".", ".", "b", "b..."),
         (rows, "b..", "b..", "b..", "b..."), heads=num_heads)
+
+
+def add_rms_norm(x, delta, scale, eps: float):
+    """``(x + delta, rms_norm(x + delta))``, the residual add and the norm after it (``pallas_kernels.rms_norm``;
+    backend: the ``norm`` choice, whose "auto" takes the GPU kernel only for a decode step's few rows). Under a mesh
+    the reference runs (XLA partitions it like any elementwise op and row reduction)."""
+    from pallas_kernels import rms_norm
+
+    chosen = backend("norm") if sharding.current_mesh() is None else "xla"
+    return rms_norm.add_rms_norm(x, delta, scale, eps, backend=chosen)
+

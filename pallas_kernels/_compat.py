@@ -42,6 +42,15 @@ def gpu_interpret():
   return not (_FORCE_COMPILED or jax.default_backend() == "gpu")
 
 
+def sm80_gpu() -> bool:
+  """Whether the default device is a CUDA GPU of compute capability >= 8.0 (where the Triton kernels run)."""
+  dev = jax.devices()[0]
+  try:
+    return dev.platform == "gpu" and float(getattr(dev, "compute_capability", "0")) >= 8.0
+  except (TypeError, ValueError):  # pragma: no cover - unknown device object
+    return False
+
+
 def tpu_params(dimension_semantics, vmem_limit_bytes=None):
   cls = getattr(pltpu, "CompilerParams", None) or getattr(pltpu, "TPUCompilerParams")
   kw = {} if vmem_limit_bytes is None else {"vmem_limit_bytes": vmem_limit_bytes}

@@ -294,3 +294,60 @@ def test_decode_attend_and_write_gpu_lowering():
         text = jax.jit(f, donate_argnums=(3, 4, 5)).trace(*args).lower(lowering_platforms=("cuda",)).as_text()
     assert text.count("xla.gpu.triton") == 2 and "swa_decode_combine" in text
     assert text.count("tf.aliasing_output") == 3
+
+
+# ----------------------------------------------------------------------------- residual add + RMSNorm (decode)
+
+
+@pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16])
+@pytest.mark.parametrize("shape", [(1, 1, 64), (2, 1, 256), (5, 128)])
+def test_add_rms_norm_kernel_equals_reference(shape, dtype):
+    """The kernel (interpret mode) against the reference on fresh inputs: the new residual and the normalised rows,
+    bit for bit (same roundings in the same order)."""
+    from pallas_kernels import rms_norm
+
+    ks = jax.random.split(jax.random.key(zlib.crc32(repr((shape, dtype)).encode())), 3)
+    x = (3.0 * jax.random.normal(ks[0], shape)).astype(dtype)
+    d = jax.random.normal(ks[1], shape, dtype)
+    w = (1.0 + 0.1 * jax.random.normal(ks[2], shape[-1:])).astype(dtype)
+    got = rms_norm.add_rms_norm(x, d, w, 1e-6, backend="pallas_gpu")
+    want = rms_norm.add_rms_norm_reference(x, d, w, 1e-6)
+    for a, b in zip(got, want):
+        assert a.dtype == b.dtype and a.shape == b.shape
+        np.testing.assert_array_equal(np.asarray(a, np.float32), np.asarray(b, np.float32))
+    s, h = want  # the reference is the definition: x + d, then scale * s / rms(s)
+    s32 = np.asarray(x, np.float64) + np.asarray(d, np.float64)
+    ref_h = np.asarray(w, np.float64) * s32 / np.sqrt(np.mean(s32 ** 2, axis=-1, keepdims=True) + 1e-6)
+    assert rel(h, ref_h) <= (1e-6 if dtype == jnp.float32 else 1e-2)
+
+
+def test_add_rms_norm_backends_and_errors(monkeypatch):
+    from pallas_kernels import _compat, rms_norm
+
+    x = jnp.ones((2, 1, 64))
+    with pytest.raises(ValueError, match="same shape"):
+        rms_norm.add_rms_norm(x, jnp.ones((1, 1, 64)), jnp.ones(64), 1e-6)
+    with pytest.raises(ValueError, match=r"scale must be \[64\]"):
+        rms_norm.add_rms_norm(x, x, jnp.ones(32), 1e-6)
+    with pytest.raises(ValueError, match="does not support rows of 96"):
+        rms_norm.resolve_backend("pallas_gpu", 2, 96)
+    with pytest.raises(ValueError, match="backend must be one of"):
+        rms_norm.resolve_backend("cudnn", 2, 64)
+    monkeypatch.setattr(_compat, "sm80_gpu", lambda: True)
+    assert rms_norm.resolve_backend("auto", 2, 2048) == "pallas_gpu"
+    assert rms_norm.resolve_backend("auto", rms_norm.MAX_KERNEL_ROWS + 1, 2048) == "xla"  # prefill rows: XLA
+    assert rms_norm.resolve_backend("auto", 2, 96) == "xla"
+    monkeypatch.setattr(_compat, "sm80_gpu", lambda: False)
+    assert rms_norm.resolve_backend("auto", 2, 2048) == "xla"
+
+
+def test_add_rms_norm_gpu_lowering():
+    """The kernel through the Pallas Triton lowering at the 4B decode shape (two rows of 2048, bf16): one call."""
+    from pallas_kernels import _compat, rms_norm
+
+    sd = jax.ShapeDtypeStruct
+    args = (sd((2, 1, 2048), jnp.bfloat16), sd((2, 1, 2048), jnp.bfloat16), sd((2048,), jnp.bfloat16))
+    with _compat.compiled():
+        text = jax.jit(lambda x, d, w: rms_norm.add_rms_norm_gpu(x, d, w, 1e-6)).trace(*args).lower(
+            lowering_platforms=("cuda",)).as_text()
+    assert text.count("xla.gpu.triton") == 1 and "add_rms_norm" in text

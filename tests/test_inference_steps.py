@@ -85,6 +85,77 @@ def test_per_block_weights_equal_stacked_weights(hybrid, which, fuse):
     jax.tree.map(lambda a, b: np.testing.assert_allclose(np.asarray(a), np.asarray(b), atol=1e-6), c1, c2)
 
 
+def _count(jaxpr, name):
+    """Equations of primitive ``name`` in ``jaxpr``, nested jaxprs (jit, custom calls) included."""
+    n = 0
+    for e in jaxpr.eqns:
+        n += e.primitive.name == name
+        for v in e.params.values():
+            for sub in v if isinstance(v, (tuple, list)) else (v,):
+                inner = getattr(sub, "jaxpr", sub)
+                if isinstance(inner, jax.extend.core.Jaxpr):
+                    n += _count(inner, name)
+    return n
+
+
+@pytest.mark.parametrize("which", ["hybrid", "teacher"])
+def test_padded_decode_rows_equal_single_rows(which, monkeypatch):
+    """Batch-1 decode with single-row products run as padded two-row ones (what GPUs run): the stack carries the
+    padding row from its input to its output (the concatenations that padding adds to a step do not grow with depth)
+    and every logit and cache entry equals the unpadded run's."""
+    from infinitevl_jax.modeling import layers
+
+    make = tiny_infinitevl if which == "hybrid" else tiny_qwen2_5_vl
+    T, P = 14, 4
+    runs, concats = {}, {}
+    for two_rows in (False, True):
+        monkeypatch.setattr(layers, "SINGLE_ROW_AS_TWO", two_rows)
+        jax.clear_caches()
+        for n in (4, 8):
+            cfg = make(num_hidden_layers=n)
+            graphdef, state = engine.split(InfiniteVLForConditionalGeneration(cfg, rngs=nnx.Rngs(2)), fuse=True)
+            cache = init_cache(cfg, 1, max_length=cache_max_length(cfg, T, 0))
+            jaxpr = jax.make_jaxpr(lambda s, c, t: engine.decode_step(graphdef, s, c, t, jax.random.key(0), 0.0, 1.0,
+                                                                      top_k=0, greedy=True))(state, cache, jnp.zeros((1,), jnp.int32))
+            concats[two_rows, n] = _count(jaxpr.jaxpr, "concatenate")
+            if n == 4:
+                ids = np.random.RandomState(5).randint(0, cfg.text.vocab_size - 20, (1, T)).astype(np.int32)
+                runs[two_rows] = run_steps(graphdef, state, cfg, ids, P)
+    jax.clear_caches()
+    assert concats[True, 4] - concats[False, 4] == concats[True, 8] - concats[False, 8], concats
+    np.testing.assert_allclose(runs[True][0], runs[False][0], atol=1e-5, rtol=1e-5)
+    jax.tree.map(lambda a, b: np.testing.assert_allclose(np.asarray(a), np.asarray(b), atol=1e-5, rtol=1e-5),
+                 runs[True][1], runs[False][1])
+
+
+@pytest.mark.parametrize("which", ["hybrid", "teacher"])
+def test_decode_add_norm_kernel_equals_xla(which, monkeypatch):
+    """Decode steps with every residual add + RMSNorm through the kernel (interpret mode; padded two-row products as
+    on a GPU) give the XLA steps' logits and caches."""
+    from infinitevl_jax import ops
+    from infinitevl_jax.modeling import layers
+
+    monkeypatch.setattr(layers, "SINGLE_ROW_AS_TWO", True)
+    cfg = (tiny_infinitevl if which == "hybrid" else tiny_qwen2_5_vl)(num_hidden_layers=4)
+    graphdef, state = engine.split(InfiniteVLForConditionalGeneration(cfg, rngs=nnx.Rngs(4)), fuse=True)
+    T, P = 12, 4
+    ids = np.random.RandomState(6).randint(0, cfg.text.vocab_size - 20, (1, T)).astype(np.int32)
+    runs, kernels = {}, {}
+    for norm in ("xla", "pallas_gpu"):
+        jax.clear_caches()
+        with ops.use_backends(norm=norm):
+            cache = init_cache(cfg, 1, max_length=cache_max_length(cfg, T, 0))
+            jaxpr = jax.make_jaxpr(lambda s, c, t: engine.decode_step(graphdef, s, c, t, jax.random.key(0), 0.0, 1.0,
+                                                                      top_k=0, greedy=True))(state, cache, jnp.zeros((1,), jnp.int32))
+            kernels[norm] = _count(jaxpr.jaxpr, "pallas_call")
+            runs[norm] = run_steps(graphdef, state, cfg, ids, P)
+    jax.clear_caches()
+    assert kernels["pallas_gpu"] - kernels["xla"] == 2 * cfg.text.num_hidden_layers - 1, kernels  # the first norm has no add
+    np.testing.assert_allclose(runs["pallas_gpu"][0], runs["xla"][0], atol=1e-5, rtol=1e-5)
+    jax.tree.map(lambda a, b: np.testing.assert_allclose(np.asarray(a), np.asarray(b), atol=1e-5, rtol=1e-5),
+                 runs["pallas_gpu"][1], runs["xla"][1])
+
+
 @pytest.mark.parametrize("B,two_rows", [(1, True), (1, False), (3, False)])
 def test_fused_gdn_decode_step_equals_unfused(B, two_rows, monkeypatch):
     """A GDN layer's one-token step with fused projections (the decode-inputs kernel, interpret mode; one row as a

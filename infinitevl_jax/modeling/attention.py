@@ -8,7 +8,7 @@ from flax import nnx
 
 from infinitevl_jax import ops
 from infinitevl_jax.config import SWA, TextConfig
-from infinitevl_jax.modeling.layers import fuse_linears, linear, padded_row_count, split_last
+from infinitevl_jax.modeling.layers import check_step_rows, fuse_linears, linear, padded_row_count, split_last
 from infinitevl_jax.modeling.rope import apply_rotary
 
 
@@ -35,14 +35,15 @@ class Attention(nnx.Module):
             self.qkv_proj = nnx.data(fuse_linears([self.q_proj, self.k_proj, self.v_proj], delete=delete))
             self.q_proj = self.k_proj = self.v_proj = nnx.data(None)
 
-    def project(self, x: jax.Array, cos: jax.Array, sin: jax.Array):
-        """``x [B,T,E]`` -> rotated ``q [B,T,Hq,D]``, ``k [B,T,Hkv,D]`` and ``v [B,T,Hkv,D]``."""
-        B, T, _ = x.shape
+    def project(self, x: jax.Array, cos: jax.Array, sin: jax.Array, rows: int | None = None):
+        """``x [B,T,E]`` -> rotated ``q [B,T,Hq,D]``, ``k [B,T,Hkv,D]`` and ``v [B,T,Hkv,D]``; ``rows``: keep only
+        the first ``rows`` rows of the products (``x`` carrying padding rows)."""
         if self.qkv_proj is not None:
             kv = self.num_kv_heads * self.head_dim
-            q, k, v = split_last(self.qkv_proj(x), (self.num_heads * self.head_dim, kv, kv))
+            q, k, v = split_last(self.qkv_proj(x)[:rows], (self.num_heads * self.head_dim, kv, kv))
         else:
-            q, k, v = self.q_proj(x), self.k_proj(x), self.v_proj(x)
+            q, k, v = self.q_proj(x)[:rows], self.k_proj(x)[:rows], self.v_proj(x)[:rows]
+        B, T = q.shape[:2]
         q = q.reshape(B, T, self.num_heads, self.head_dim)
         k = k.reshape(B, T, self.num_kv_heads, self.head_dim)
         v = v.reshape(B, T, self.num_kv_heads, self.head_dim)
@@ -60,8 +61,9 @@ class Attention(nnx.Module):
         ``cache``: ``(k [B,L,Hkv,D], v [B,L,Hkv,D], positions [B,L])``, a ring buffer of ``L = window - 1`` slots
         (or the maximum length for full attention). Returns ``(out [B,C,E], new cache of the same type)``.
         """
-        q, k, v = self.project(x, cos, sin)
-        B, C = x.shape[:2]
+        B, R, C = cache[0].shape[0], x.shape[0], x.shape[1]
+        check_step_rows(R, B, C)
+        q, k, v = self.project(x, cos, sin, rows=B)
         rows = padded_row_count(B) if C == 1 else B  # decode: the o_proj input at the rows its product runs with
         o, *new = ops.attention_with_cache_update(q, k, v, *cache, q_positions, window=self.window, out_rows=rows)
-        return self.o_proj(o.reshape(rows, C, -1))[:B], type(cache)(*new)
+        return self.o_proj(o.reshape(rows, C, -1))[:R], type(cache)(*new)

@@ -21,7 +21,7 @@ from flax import nnx
 from infinitevl_jax.config import GDN, TextConfig
 from infinitevl_jax.modeling.attention import Attention
 from infinitevl_jax.modeling.gated_deltanet import GatedDeltaNet
-from infinitevl_jax.modeling.layers import MLP
+from infinitevl_jax.modeling.layers import MLP, padded_row_count
 from infinitevl_jax.modeling.norms import RMSNorm
 from infinitevl_jax.sharding import constrain
 
@@ -59,15 +59,18 @@ class DecoderLayer(nnx.Module):
         x = x + self.self_attn(self.input_layernorm(x), cos=cos, sin=sin, segment_ids=segment_ids)
         return x + self.mlp(self.post_attention_layernorm(x))
 
-    def step(self, x, *, cos, sin, segment_ids, q_positions, cache):
-        """Cached forward (inference): returns ``(x, new cache)``; see the mixers' ``step``."""
-        h = self.input_layernorm(x)
+    def step(self, x, *, cos, sin, segment_ids, q_positions, cache, pending=None):
+        """Cached forward (inference; see the mixers' ``step``). ``pending``: an output still to be added to ``x``
+        (the previous layer's MLP output), added together with this layer's first norm (``RMSNorm.add_and_norm``:
+        one kernel per residual add and norm in a decode step). Returns ``(x, mlp output, new cache)``: the layer's
+        output is ``x + mlp output``, left for the next layer (or the caller) to add."""
+        x, h = self.input_layernorm.add_and_norm(x, pending)
         if self.kind == GDN:
             o, cache = self.self_attn.step(h, segment_ids=segment_ids, cache=cache)
         else:
             o, cache = self.self_attn.step(h, cos=cos, sin=sin, q_positions=q_positions, cache=cache)
-        x = x + o
-        return x + self.mlp(self.post_attention_layernorm(x)), cache
+        x, h = self.post_attention_layernorm.add_and_norm(x, o)
+        return x, self.mlp(h), cache
 
 
 class Block(nnx.Module):
@@ -84,13 +87,15 @@ class Block(nnx.Module):
             x = layer(x, cos=cos, sin=sin, segment_ids=segment_ids)
         return x
 
-    def step(self, x, *, cos, sin, segment_ids, q_positions, caches):
-        """``caches``: one cache per layer of the period. Returns ``(x, new caches)``."""
+    def step(self, x, *, cos, sin, segment_ids, q_positions, caches, pending=None):
+        """``caches``: one cache per layer of the period; ``pending`` as ``DecoderLayer.step``. Returns
+        ``(x, pending, new caches)``, the block's output being ``x + pending``."""
         out = []
         for layer, cache in zip(self.layers, caches):
-            x, cache = layer.step(x, cos=cos, sin=sin, segment_ids=segment_ids, q_positions=q_positions, cache=cache)
+            x, pending, cache = layer.step(x, cos=cos, sin=sin, segment_ids=segment_ids, q_positions=q_positions,
+                                           cache=cache, pending=pending)
             out.append(cache)
-        return x, type(caches)(out)
+        return x, pending, type(caches)(out)
 
 
 class HybridStack(nnx.Module):
@@ -135,12 +140,20 @@ class HybridStack(nnx.Module):
         p = self.period
         if len(caches) != len(blocks) * p:
             raise ValueError(f"expected one cache per layer ({len(blocks) * p}), got {len(caches)}")
-        out = []
+        B, T = x.shape[:2]
+        # A decode step whose products run with padding rows (``padded_row_count``) carries them through the whole
+        # stack: zero rows stay zero through every norm, product and residual add, and each product's input is then
+        # the previous op's output as it is (no pad and slice kernels around every product). The mixers take the
+        # batch from their caches and treat rows past it as padding.
+        R = padded_row_count(B) if T == 1 else B
+        if R > B:
+            x = jnp.concatenate([x, jnp.zeros((R - B, *x.shape[1:]), x.dtype)])
+        out, pending = [], None
         for i, block in enumerate(blocks):
-            x, new = block.step(x, cos=cos, sin=sin, segment_ids=segment_ids, q_positions=q_positions,
-                                caches=tuple(caches[i * p:(i + 1) * p]))
+            x, pending, new = block.step(x, cos=cos, sin=sin, segment_ids=segment_ids, q_positions=q_positions,
+                                         caches=tuple(caches[i * p:(i + 1) * p]), pending=pending)
             out.extend(new)
-        return x, tuple(out)
+        return (x + pending)[:B], tuple(out)
 
 
 def fuse_projections(blocks: nnx.List, *, delete: bool = False) -> None:

@@ -17,7 +17,7 @@ from flax import nnx
 
 from infinitevl_jax import ops
 from infinitevl_jax.config import TextConfig
-from infinitevl_jax.modeling.layers import fuse_linears, linear, padded_rows, split_last
+from infinitevl_jax.modeling.layers import check_step_rows, fuse_linears, linear, pad_rows, padded_rows, split_last
 from infinitevl_jax.modeling.norms import rms_norm
 
 
@@ -143,16 +143,18 @@ class GatedDeltaNet(nnx.Module):
         """
         live = segment_ids > 0
         conv_q, conv_k, conv_v, state = cache
-        B, T, _ = x.shape
+        B, R, T = state.shape[0], x.shape[0], x.shape[1]
+        check_step_rows(R, B, T)
         if T == 1 and self.in_proj is not None:
             # Decode with fused projections: everything between in_proj and o_proj as one op (two GPU kernels). Its
             # output has the projection's rows (a single row may run as a padded two-row product).
             y, *conv, new_state = ops.gdn_decode_mixer(
-                padded_rows(self.in_proj, x.reshape(B, -1)), conv_q, conv_k, conv_v, self.qkv_conv1d[...],
+                padded_rows(self.in_proj, x.reshape(R, -1)), conv_q, conv_k, conv_v, self.qkv_conv1d[...],
                 self.A_log[...], self.dt_bias[...], self.o_norm[...], live[:, 0], state.astype(jnp.float32),
                 num_heads=self.num_heads, head_k=self.head_k, head_v=self.head_v, eps=self.norm_eps)
-            out = self.o_proj(y.astype(x.dtype))[:B].reshape(B, 1, -1)
+            out = self.o_proj(y.astype(x.dtype))[:R].reshape(R, 1, -1)
         else:
+            x = x[:B]
             q, k, v, g, beta, gate, conv = self.inputs(x, segment_ids, (conv_q, conv_k, conv_v), live)
             o, new_state = ops.gated_delta_rule(q, k, v, g, beta, segment_ids=segment_ids,
                                                 initial_state=state.astype(jnp.float32), output_final_state=True,
@@ -161,6 +163,6 @@ class GatedDeltaNet(nnx.Module):
                 # A row that is still all padding keeps an empty state. (One token: a padding row has seen only
                 # padding, so its state and conv windows are zeros and its zeroed q/k/v keep them zero.)
                 new_state = jnp.where(live[:, -1, None, None, None], new_state, 0.0)
-            out = self.output(gate, o, x.dtype)
+            out = pad_rows(self.output(gate, o, x.dtype), R)
         conv = tuple(c.astype(s.dtype) for c, s in zip(conv, (conv_q, conv_k, conv_v)))
         return out, type(cache)(*conv, new_state.astype(state.dtype))

@@ -52,6 +52,21 @@ def padded_rows(lin: nnx.Linear, x: jax.Array) -> jax.Array:
     return lin(x)
 
 
+def check_step_rows(rows: int, batch: int, tokens: int) -> None:
+    """A cached step's input may carry the padding rows of its products (``rows == padded_row_count(batch)``, one
+    token per row: ``HybridStack.step``) or none; anything else is a caller's mistake."""
+    if rows != batch and (tokens != 1 or rows != padded_row_count(batch)):
+        raise ValueError(f"step input has {rows} rows for a cache of batch {batch} ({tokens} tokens per row): expected "
+                         f"{batch}" + (f" or {padded_row_count(batch)} (padded decode rows)" if tokens == 1 else ""))
+
+
+def pad_rows(x: jax.Array, rows: int) -> jax.Array:
+    """``x [B, ...]`` followed by zero rows up to ``rows``."""
+    if rows == x.shape[0]:
+        return x
+    return jnp.concatenate([x, jnp.zeros((rows - x.shape[0], *x.shape[1:]), x.dtype)])
+
+
 def linear(in_features: int, out_features: int, axes: tuple[str | None, str | None], *, use_bias: bool = False,
            dtype=None, param_dtype=jnp.float32, rngs: nnx.Rngs, kernel_init=_INIT) -> nnx.Linear:
     """``nnx.Linear`` whose kernel ``[in, out]`` and bias ``[out]`` carry logical axis names for sharding."""

@@ -6,12 +6,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-
-def rms_norm(x: jax.Array, scale: jax.Array, eps: float) -> jax.Array:
-    dtype = x.dtype
-    x32 = x.astype(jnp.float32)
-    x32 = x32 * jax.lax.rsqrt(jnp.mean(x32 * x32, axis=-1, keepdims=True) + eps)
-    return scale.astype(dtype) * x32.astype(dtype) if dtype != jnp.float32 else scale * x32
+from pallas_kernels.rms_norm import rms_norm  # noqa: F401  (the definition; re-exported)
 
 
 class RMSNorm(nnx.Module):
@@ -25,3 +20,12 @@ class RMSNorm(nnx.Module):
 
     def __call__(self, x: jax.Array) -> jax.Array:
         return rms_norm(x, self.scale[...], self.eps)
+
+    def add_and_norm(self, x: jax.Array, delta: jax.Array | None) -> tuple[jax.Array, jax.Array]:
+        """``(x + delta, self(x + delta))`` (``delta=None``: ``(x, self(x))``), through ``ops.add_rms_norm`` (one
+        kernel for the few rows of a decode step on GPUs)."""
+        if delta is None:
+            return x, self(x)
+        from infinitevl_jax import ops
+
+        return ops.add_rms_norm(x, delta, self.scale[...], self.eps)
