@@ -255,7 +255,12 @@ def main():
                     help="what to run (comma-separated): decode, batch, prefill, stream, teacher (decode), "
                          "teacher_batch, teacher_prefill")
     ap.add_argument("--budget-s", type=float, default=300.0)
+    ap.add_argument("--xla-exhaustive-tiling", action="store_true",
+                    help="let XLA's GEMM autotuner search every tiling (XLA_FLAGS=--xla_gpu_exhaustive_tiling_search="
+                         "true): a longer first compile, faster skinny decode products")
     args = ap.parse_args()
+    if args.xla_exhaustive_tiling:  # read when the backend starts, i.e. before the first device query below
+        os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") + " --xla_gpu_exhaustive_tiling_search=true").strip()
     parts = set(args.parts.split(","))
     _Compiles.install()
     t_start = time.time()
@@ -263,7 +268,7 @@ def main():
     dtype = jnp.float32 if args.tiny else jnp.bfloat16
     cfgs = (tiny_infinitevl(), tiny_qwen2_5_vl()) if args.tiny else (infinitevl_4b(), qwen2_5_vl_3b())
     res = {"device": str(jax.devices()[0].device_kind), "jax": jax.__version__, "decode": {}, "teacher_decode": {},
-           "stream": {}}
+           "stream": {}, "xla_flags": os.environ.get("XLA_FLAGS", "")}
     print(res["device"], flush=True)
     res["read_bytes_per_s"] = read_rate(1 << 20 if args.tiny else 1 << 32)
     print(f"read bandwidth probe: {res['read_bytes_per_s'] / 1e12:.2f} TB/s", flush=True)
