@@ -98,6 +98,7 @@ def add_rms_norm(x, delta, scale, eps, *, backend="auto"):
   if scale.shape != x.shape[-1:]:
     raise ValueError(f"add_rms_norm: scale must be [{x.shape[-1]}], got {scale.shape}")
   rows = x.size // x.shape[-1]
-  if resolve_backend(backend, rows, x.shape[-1]) == "pallas_gpu":
+  # the kernel adds in x's dtype; operands of different dtypes take the reference's promotion instead
+  if resolve_backend(backend, rows, x.shape[-1]) == "pallas_gpu" and x.dtype == delta.dtype:
     return add_rms_norm_gpu(x, delta, scale, eps)
   return add_rms_norm_reference(x, delta, scale, eps)

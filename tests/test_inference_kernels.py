@@ -339,6 +339,8 @@ def test_add_rms_norm_backends_and_errors(monkeypatch):
     assert rms_norm.resolve_backend("auto", 2, 96) == "xla"
     monkeypatch.setattr(_compat, "sm80_gpu", lambda: False)
     assert rms_norm.resolve_backend("auto", 2, 2048) == "xla"
+    s, h = rms_norm.add_rms_norm(x.astype(jnp.bfloat16), x, jnp.ones(64), 1e-6, backend="pallas_gpu")
+    assert s.dtype == h.dtype == jnp.float32  # mixed dtypes: the reference's promotion, not the kernel's cast
 
 
 def test_add_rms_norm_gpu_lowering():
