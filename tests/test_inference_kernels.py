@@ -302,8 +302,8 @@ def test_decode_attend_and_write_gpu_lowering():
 @pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16])
 @pytest.mark.parametrize("shape", [(1, 1, 64), (2, 1, 256), (5, 128)])
 def test_add_rms_norm_kernel_equals_reference(shape, dtype):
-    """The kernel (interpret mode) against the reference on fresh inputs: the new residual and the normalised rows,
-    bit for bit (same roundings in the same order)."""
+    """The kernel (interpret mode; compiled on a GPU) against the reference on fresh inputs: the new residual bit for
+    bit, the normalised rows to the float32 sum's order (on CPU bit for bit too: same roundings in the same order)."""
     from pallas_kernels import rms_norm
 
     ks = jax.random.split(jax.random.key(zlib.crc32(repr((shape, dtype)).encode())), 3)
@@ -314,7 +314,10 @@ def test_add_rms_norm_kernel_equals_reference(shape, dtype):
     want = rms_norm.add_rms_norm_reference(x, d, w, 1e-6)
     for a, b in zip(got, want):
         assert a.dtype == b.dtype and a.shape == b.shape
-        np.testing.assert_array_equal(np.asarray(a, np.float32), np.asarray(b, np.float32))
+    np.testing.assert_array_equal(np.asarray(got[0], np.float32), np.asarray(want[0], np.float32))
+    if jax.default_backend() == "cpu":
+        np.testing.assert_array_equal(np.asarray(got[1], np.float32), np.asarray(want[1], np.float32))
+    assert rel(got[1], want[1]) <= (1e-6 if dtype == jnp.float32 else 4e-3)
     s, h = want  # the reference is the definition: x + d, then scale * s / rms(s)
     s32 = np.asarray(x, np.float64) + np.asarray(d, np.float64)
     ref_h = np.asarray(w, np.float64) * s32 / np.sqrt(np.mean(s32 ** 2, axis=-1, keepdims=True) + 1e-6)
