@@ -128,6 +128,21 @@ def test_padded_decode_rows_equal_single_rows(which, monkeypatch):
                  runs[True][1], runs[False][1])
 
 
+def test_step_rejects_rows_that_are_neither_the_batch_nor_its_padding():
+    from infinitevl_jax.inference.cache import GDNCache
+    from infinitevl_jax.modeling.gated_deltanet import GatedDeltaNet
+
+    c = tiny_infinitevl().text
+    layer = GatedDeltaNet(c, rngs=nnx.Rngs(0))
+    H, K, V, W = c.num_linear_heads, c.linear_head_dim, c.linear_value_dim, c.conv_size
+    cache = GDNCache(jnp.zeros((1, W - 1, H * K)), jnp.zeros((1, W - 1, H * K)), jnp.zeros((1, W - 1, H * V)),
+                     jnp.zeros((1, H, K, V)))
+    with pytest.raises(ValueError, match="step input has 3 rows for a cache of batch 1"):
+        layer.step(jnp.zeros((3, 1, c.hidden_size)), segment_ids=jnp.ones((1, 1), jnp.int32), cache=cache)
+    with pytest.raises(ValueError, match=r"step input has 2 rows .*\(4 tokens per row\)"):
+        layer.step(jnp.zeros((2, 4, c.hidden_size)), segment_ids=jnp.ones((1, 4), jnp.int32), cache=cache)
+
+
 @pytest.mark.parametrize("which", ["hybrid", "teacher"])
 def test_decode_add_norm_kernel_equals_xla(which, monkeypatch):
     """Decode steps with every residual add + RMSNorm through the kernel (interpret mode; padded two-row products as

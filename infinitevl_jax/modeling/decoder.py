@@ -21,7 +21,7 @@ from flax import nnx
 from infinitevl_jax.config import GDN, TextConfig
 from infinitevl_jax.modeling.attention import Attention
 from infinitevl_jax.modeling.gated_deltanet import GatedDeltaNet
-from infinitevl_jax.modeling.layers import MLP, padded_row_count
+from infinitevl_jax.modeling.layers import MLP, pad_rows, padded_row_count
 from infinitevl_jax.modeling.norms import RMSNorm
 from infinitevl_jax.sharding import constrain
 
@@ -145,9 +145,7 @@ class HybridStack(nnx.Module):
         # stack: zero rows stay zero through every norm, product and residual add, and each product's input is then
         # the previous op's output as it is (no pad and slice kernels around every product). The mixers take the
         # batch from their caches and treat rows past it as padding.
-        R = padded_row_count(B) if T == 1 else B
-        if R > B:
-            x = jnp.concatenate([x, jnp.zeros((R - B, *x.shape[1:]), x.dtype)])
+        x = pad_rows(x, padded_row_count(B) if T == 1 else B)
         out, pending = [], None
         for i, block in enumerate(blocks):
             x, pending, new = block.step(x, cos=cos, sin=sin, segment_ids=segment_ids, q_positions=q_positions,
