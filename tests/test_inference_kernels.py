@@ -10,6 +10,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
+from pallas_kernels import _compat
 from pallas_kernels.gated_delta_rule import fused_recurrent_gated_delta_rule, naive_recurrent_gated_delta_rule
 from pallas_kernels.gated_delta_rule.fused_recurrent import decode_step
 from pallas_kernels.sliding_window_attention import (PALLAS_CACHE_MIN_CHUNK, attend_to_cache,
@@ -217,20 +218,18 @@ def test_pallas_cache_kernel_bounds_skip_invisible_blocks():
 
 def test_cache_backend_choice(monkeypatch):
     assert all(choose_cache_backend(c) == "xla" for c in (1, 64, 4096))  # CPU: nothing changes
-    monkeypatch.setattr(swa_attention, "_platform", lambda: "gpu")
-    monkeypatch.setattr(swa_attention, "_gpu_capability", lambda: (9, 0))
+    monkeypatch.setattr(_compat, "sm80_gpu", lambda: True)
     assert choose_cache_backend(1) == "pallas_gpu"  # decode: the split-ring kernel
     assert choose_cache_backend(2) == "xla" and choose_cache_backend(PALLAS_CACHE_MIN_CHUNK - 1) == "xla"
     assert choose_cache_backend(PALLAS_CACHE_MIN_CHUNK) == "pallas_gpu" and choose_cache_backend(4096) == "pallas_gpu"
-    monkeypatch.setattr(swa_attention, "_gpu_capability", lambda: (7, 5))
+    monkeypatch.setattr(_compat, "sm80_gpu", lambda: False)  # a GPU older than sm80, or none
     assert choose_cache_backend(4096) == "xla"
 
 
 def test_auto_dispatch_uses_the_kernel_for_prefill_chunks(monkeypatch):
     """On an sm80+ GPU, ``attend_to_cache(backend="auto")`` traces the chunk kernel for a 64-query chunk, the decode
     kernel for one query and XLA in between."""
-    monkeypatch.setattr(swa_attention, "_platform", lambda: "gpu")
-    monkeypatch.setattr(swa_attention, "_gpu_capability", lambda: (9, 0))
+    monkeypatch.setattr(_compat, "sm80_gpu", lambda: True)
     sd = jax.ShapeDtypeStruct
 
     def jaxpr(c):

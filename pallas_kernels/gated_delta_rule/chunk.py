@@ -55,14 +55,11 @@ def resolve_backend(backend, K, V, chunk_size, dtype) -> str:
     if not supported(backend, K, V, chunk_size, dtype):
       raise ValueError(f"{backend} does not support K={K}, V={V}, chunk_size={chunk_size}, {dtype}")
     return backend
-  dev = jax.devices()[0]
   choice = "xla"
-  if dev.platform == "tpu":
+  if jax.devices()[0].platform == "tpu":
     choice = "pallas_tpu"
-  elif dev.platform == "gpu":
-    cc = getattr(dev, "compute_capability", "0")
-    if float(cc) >= 8.0:
-      choice = "pallas_gpu"
+  elif _compat.sm80_gpu():
+    choice = "pallas_gpu"
   return choice if supported(choice, K, V, chunk_size, dtype) else "xla"
 
 

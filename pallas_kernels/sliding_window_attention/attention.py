@@ -20,31 +20,19 @@ import functools
 import jax
 import jax.numpy as jnp
 
+from pallas_kernels import _compat
 from pallas_kernels.sliding_window_attention import cache as _cache
 from pallas_kernels.sliding_window_attention import reference as _ref
 
 BACKENDS = ("auto", "xla", "cudnn", "pallas_gpu", "pallas_tpu")
 
 
-def _platform():
-  return jax.devices()[0].platform
-
-
-def _gpu_capability():
-  try:
-    cc = getattr(jax.devices()[0], "compute_capability", None)
-    return tuple(int(x) for x in str(cc).split(".")) if cc else (0, 0)
-  except Exception:  # pragma: no cover - unknown device object
-    return (0, 0)
-
-
 def choose_backend(*, segment_ids=None, window=None):
   """The backend ``"auto"`` resolves to on the default device."""
   del window
-  platform = _platform()
-  if platform == "tpu":
+  if jax.devices()[0].platform == "tpu":
     return "pallas_tpu"
-  if platform in ("gpu", "cuda") and _gpu_capability() >= (8, 0):
+  if _compat.sm80_gpu():
     # Measured on an H100 (benchmarks/swa_kernel.py, BENCHMARKS.md): cuDNN's windowed kernel is
     # ~1.2x faster than ours where it is allowed; it takes no segment ids, packed batches do.
     return "cudnn" if segment_ids is None else "pallas_gpu"
@@ -89,8 +77,7 @@ PALLAS_CACHE_MIN_CHUNK = 64
 
 def choose_cache_backend(chunk: int) -> str:
   """The backend ``attend_to_cache``'s ``"auto"`` resolves to for ``chunk`` queries per row on the default device."""
-  if ((chunk >= PALLAS_CACHE_MIN_CHUNK or chunk == 1) and _platform() in ("gpu", "cuda")
-      and _gpu_capability() >= (8, 0)):
+  if (chunk >= PALLAS_CACHE_MIN_CHUNK or chunk == 1) and _compat.sm80_gpu():
     return "pallas_gpu"  # one query per row: the split-ring decode kernel
   return "xla"  # also the TPU path: a chunk against <= window keys is one fused op
 
