@@ -32,8 +32,8 @@ def dot_general(lhs, rhs, dimension_numbers, precision=None, preferred_element_t
     if plain or math.prod(lhs.shape[:-1]) != 1:
         return jax.lax.dot_general(lhs, rhs, dimension_numbers, precision=precision,
                                    preferred_element_type=preferred_element_type, **kwargs)
-    x = lhs.reshape(1, lhs.shape[-1])
-    y = jax.lax.dot_general(jnp.concatenate([x, jnp.zeros_like(x)]), rhs, (((1,), (0,)), ((), ())),
+    x = pad_rows(lhs.reshape(1, lhs.shape[-1]), 2)
+    y = jax.lax.dot_general(x, rhs, (((1,), (0,)), ((), ())),
                             precision=precision, preferred_element_type=preferred_element_type)
     return y[:1].reshape(*lhs.shape[:-1], rhs.shape[1])
 
@@ -47,9 +47,7 @@ def padded_rows(lin: nnx.Linear, x: jax.Array) -> jax.Array:
     """``lin(x)`` for ``x [R, in]`` as ``[R', out]``, R' >= R, the rows past R being padding: a single row is the
     padded two-row product (``SINGLE_ROW_AS_TWO``) kept at two rows, for consumers that read only the first (a
     slice feeding a custom call would be one more copy kernel)."""
-    if padded_row_count(x.shape[0]) > x.shape[0]:
-        x = jnp.concatenate([x, jnp.zeros_like(x)])
-    return lin(x)
+    return lin(pad_rows(x, padded_row_count(x.shape[0])))
 
 
 def check_step_rows(rows: int, batch: int, tokens: int) -> None:
