@@ -6,6 +6,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
+from infinitevl_jax import ops
 from pallas_kernels.rms_norm import rms_norm  # noqa: F401  (the definition; re-exported)
 
 
@@ -26,6 +27,4 @@ class RMSNorm(nnx.Module):
         kernel for the few rows of a decode step on GPUs)."""
         if delta is None:
             return x, self(x)
-        from infinitevl_jax import ops
-
         return ops.add_rms_norm(x, delta, self.scale[...], self.eps)
