@@ -135,16 +135,45 @@ def test_gpu_layout_options(monkeypatch):
   check_grads("pallas_gpu", x, use_qk_l2norm=False, scale=0.3)
 
 
+@pytest.mark.parametrize("kernel_norm", [True, False])
+def test_gpu_native_layout(monkeypatch, kernel_norm):
+  """The [B, T, H, *] kernels with the q/k L2 norm and the scale inside them or in XLA before them; bf16 operands
+  stay bf16 in the kernels either way."""
+  from pallas_kernels.gated_delta_rule import pallas_gpu
+  monkeypatch.setattr(pallas_gpu, "NATIVE_LAYOUT", True)
+  monkeypatch.setattr(pallas_gpu, "KERNEL_L2NORM", kernel_norm)
+  x = make_inputs(9, 1, 70, 2, 16, 16)
+  check_forward("pallas_gpu", x, 1e-5)
+  check_grads("pallas_gpu", x)
+  xb = make_inputs(9, 1, 70, 2, 16, 16, dtype=jnp.bfloat16)
+  f = lambda *a: chunk_gated_delta_rule(*a, backend="pallas_gpu")[0]
+  jaxpr = jax.make_jaxpr(f)(*(xb[n] for n in ("q", "k", "v", "g", "beta")))
+
+  def pallas_calls(jx):
+    for e in jx.eqns:
+      if e.primitive.name == "pallas_call":
+        yield e
+      for p in e.params.values():
+        for sub in (p if isinstance(p, (tuple, list)) else (p,)):
+          sub = getattr(sub, "jaxpr", sub)
+          if hasattr(sub, "eqns"):
+            yield from pallas_calls(sub)
+
+  calls = list(pallas_calls(jaxpr.jaxpr))
+  assert calls and all(v.aval.dtype == jnp.bfloat16 for e in calls for v in e.invars[:2])
+
+
 GPU_OLD = {"version1": dict(FUSED_PREP=False), "version2": dict(SPLIT_GRADS=False),
-           "version3_native_layout": dict(NATIVE_LAYOUT=True)}
+           "version3_xla_layout": dict(NATIVE_LAYOUT=False),
+           "version3_kernel_l2norm": dict(NATIVE_LAYOUT=True, KERNEL_L2NORM=True)}
 
 
 @pytest.mark.slow
 @pytest.mark.parametrize("version", GPU_OLD)
 def test_gpu_old_versions(monkeypatch, version):
   """The older GPU paths stay correct and selectable (version 1: per-step gates and Q K^T, inverse recomputed in the
-  gradient kernel; version 2: gradient kernel with a loop over value blocks carrying [C, K] sums; version 3 reading
-  and writing [B, T, H, *] with the L2 norm and scale inside the kernels)."""
+  gradient kernel; version 2: gradient kernel with a loop over value blocks carrying [C, K] sums; version 3 on the
+  heads-first layout that XLA transposes to, and version 3 with the L2 norm and scale inside the kernels)."""
   from pallas_kernels.gated_delta_rule import pallas_gpu
   for name, value in GPU_OLD[version].items():
     monkeypatch.setattr(pallas_gpu, name, value)
@@ -158,6 +187,22 @@ def test_gpu_old_versions(monkeypatch, version):
 def test_pallas_bf16_forward(backend):
   x = make_inputs(4, 1, 65, 1, 32, 32, dtype=jnp.bfloat16)
   check_forward(backend, x, 2e-2)
+
+
+@pytest.mark.parametrize("precision", ["tf32", "tf32x3"])
+def test_gpu_inverse_precision(monkeypatch, precision):
+  """prep's triangular inverse on the matrix units (16-bit compute dtypes only): the Triton lowering accepts the
+  products, and the bf16 forward stays within its tolerance (interpret mode computes them in float32, tf32x3 as
+  exact float32)."""
+  from pallas_kernels.gated_delta_rule import pallas_gpu
+  monkeypatch.setattr(pallas_gpu, "INVERSE_PRECISION", precision)
+  fwd, bwd = lowered("pallas_gpu", "cuda", H=2)
+  assert "gdn_prep" in fwd and "gdn_grads_v3" in bwd
+  x = make_inputs(4, 1, 65, 1, 32, 32, dtype=jnp.bfloat16)
+  check_forward("pallas_gpu", x, 2e-2)
+  monkeypatch.setattr(pallas_gpu, "INVERSE_PRECISION", "fp16")
+  with pytest.raises(ValueError, match="INVERSE_PRECISION"):
+    check_forward("pallas_gpu", x, 2e-2)
 
 
 def _jaxprs(backend):

@@ -6,10 +6,11 @@ pass for all input gradients. q/k L2-normalisation, the scale and the padding li
 JAX differentiates them; the within-chunk cumulative sum of g is inside it (the gradient kernel returns dg
 directly, which is more accurate than a reverse cumulative sum of the gradient w.r.t. the cumulative sum).
 On GPU, "pallas_gpu" runs version 3 of the kernels: the backward's serial passes also store V' and dV', read by a
-split chunk-parallel gradient kernel (`pallas_gpu.SPLIT_GRADS`). `pallas_gpu.NATIVE_LAYOUT` (off by default: slower
-when measured) makes the kernels read q, k, v and write O and all input gradients in the caller's [B, T, H, *] layout,
-with the q/k L2 norm, the scale and their VJP inside (then `_prepare` is not used). Flags off select version 2 or 1
-(`FUSED_PREP`).
+split chunk-parallel gradient kernel (`pallas_gpu.SPLIT_GRADS`), and with `pallas_gpu.NATIVE_LAYOUT` (the default)
+the kernels read q, k, v and write O and all input gradients in the caller's [B, T, H, *] layout (`_run_native`):
+XLA only normalises and scales q and k there, elementwise (`KERNEL_L2NORM` moves that into the kernels too). With
+NATIVE_LAYOUT off, `_prepare` transposes to the heads-first layout the other backends use. Flags off select
+version 2 or 1 (`FUSED_PREP`).
 """
 
 from __future__ import annotations
@@ -193,14 +194,21 @@ _core_native.defvjp(_core_native_fwd, _core_native_bwd)
 
 
 def _run_native(backend, q, k, v, g, beta, scale, initial_state, use_qk_l2norm, segment_ids, C):
-  """q, k, v, O and the input gradients stay in [B, T, H, *]; the kernels normalise, scale and transpose."""
+  """q, k, v, O and the input gradients stay in [B, T, H, *]; the kernels transpose, and normalise and scale q/k
+  unless `KERNEL_L2NORM` is off (then XLA does, elementwise in this layout, and JAX differentiates it)."""
   B, T, H, K = q.shape
   V = v.shape[-1]
   Tp = -(-T // C) * C
+  if not getattr(_impl(backend), "KERNEL_L2NORM", True):
+    cdt = q.dtype
+    if use_qk_l2norm:
+      q, k = l2norm(q), l2norm(k)
+    q, k = (q.astype(jnp.float32) * scale).astype(cdt), k.astype(cdt)
+    scale, use_qk_l2norm = None, False
   # Padding tokens (only when T % C != 0) have q = k = v = 0, g = 0, beta = 0: they leave the state untouched.
   pad = lambda x: x if Tp == T else jnp.pad(x, ((0, 0), (0, Tp - T)) + ((0, 0),) * (x.ndim - 2))
   m, seg = _segments(segment_ids, B, T, C)
-  o, hT = _core_native(backend, C, float(scale), bool(use_qk_l2norm), pad(q), pad(k), pad(v),
+  o, hT = _core_native(backend, C, None if scale is None else float(scale), bool(use_qk_l2norm), pad(q), pad(k), pad(v),
                        pad(g.astype(jnp.float32))[..., None], pad(beta.astype(jnp.float32))[..., None],
                        _h0(initial_state, B, H, K, V), m, seg)
   return (o if Tp == T else o[:, :T]), hT
@@ -242,7 +250,8 @@ def chunk_gated_delta_rule(q, k, v, g, beta, *, scale=None, initial_state=None, 
   scale = K ** -0.5 if scale is None else scale
   C = chunk_size
   backend = resolve_backend(backend, K, V, C, q.dtype)
-  if backend != "xla" and _native(_impl(backend)) and isinstance(scale, (int, float)):
+  if (backend != "xla" and _native(_impl(backend))
+      and (isinstance(scale, (int, float)) or not getattr(_impl(backend), "KERNEL_L2NORM", True))):
     o, hT = _run_native(backend, q, k, v, g, beta, scale, initial_state, use_qk_l2norm, segment_ids, C)
     return o, (hT.reshape(B, H, K, V) if output_final_state else None)
   args = _prepare(q, k, v, g, beta, scale, initial_state, use_qk_l2norm, segment_ids, C)

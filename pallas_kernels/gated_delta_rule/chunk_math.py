@@ -19,6 +19,8 @@ Resets are exact: they are masks on D, E, F, never a large negative g.
 
 from __future__ import annotations
 
+import functools
+
 import jax
 import jax.numpy as jnp
 from jax import lax
@@ -27,10 +29,13 @@ f32 = jnp.float32
 SUB = 16  # diagonal block size of the triangular inverse
 
 
-def dot(a, b, ta=False, tb=False):
-  """a @ b (optionally transposed operands) with float32 accumulation; exact fp32 for fp32 operands."""
+def dot(a, b, ta=False, tb=False, precision=None):
+  """a @ b (optionally transposed operands) with float32 accumulation; exact fp32 for fp32 operands unless
+  `precision` (used for float32 operands only) says otherwise."""
   dims = (((0 if ta else 1,), (1 if tb else 0,)), ((), ()))
-  prec = lax.Precision.HIGHEST if (a.dtype == f32 and b.dtype == f32) else lax.Precision.DEFAULT
+  prec = lax.Precision.DEFAULT
+  if a.dtype == f32 and b.dtype == f32:
+    prec = lax.Precision.HIGHEST if precision is None else precision
   return lax.dot_general(a, b, dims, precision=prec, preferred_element_type=f32)
 
 
@@ -75,7 +80,7 @@ def strict_lower(C):
   return r > c
 
 
-def unit_lower_inverse(L):
+def unit_lower_inverse(L, precision=None):
   """(I + L)^-1 for strictly lower-triangular L [C, C] float32, with kernel-friendly ops only.
 
   The 16x16 diagonal blocks are solved by forward substitution, one row of every block per step
@@ -97,46 +102,48 @@ def unit_lower_inverse(L):
     rows = r == i
     for b in range(1, nblk):
       rows = rows | (r == b * SUB + i)
-    x = jnp.where(rows, eye - dot(jnp.where(rows, Ld, 0.0), x), x)
+    x = jnp.where(rows, eye - dot(jnp.where(rows, Ld, 0.0), x, precision=precision), x)
   if nblk == 1:
     return x
-  n = dot(x, jnp.where(blk, 0.0, L))
+  n = dot(x, jnp.where(blk, 0.0, L), precision=precision)
   acc, term = x, x
   for p in range(1, nblk):
-    term = dot(n, term)
+    term = dot(n, term, precision=precision)
     acc = acc - term if p % 2 else acc + term
   return acc
 
 
-def tile_inverse(Lt):
+def tile_inverse(Lt, precision=None):
   """(I + L)^-1 on tiles: Lt[i][j] (j <= i) are the [S, S] float32 tiles of a strictly lower-triangular L.
 
   Each diagonal tile is inverted by forward substitution (`unit_lower_inverse` on an S x S tile: S - 1 small
   dependent products), the off-diagonal tiles by block forward substitution,
   Ai_ij = -Ai_ii sum_{j <= t < i} L_it Ai_tj. All products are [S, S] x [S, S]: ~0.3 MFLOP for C = 64 instead of
   ~4.7 MFLOP for the masked [C, C] products of `unit_lower_inverse`. Returns the tiles Ai[i][j], j <= i.
+  `precision`: of the float32 products (None: exact float32).
   """
   nb = len(Lt)
+  mm = functools.partial(dot, precision=precision)
   Ai = [[None] * nb for _ in range(nb)]
   for i in range(nb):
-    Ai[i][i] = unit_lower_inverse(Lt[i][i])
+    Ai[i][i] = unit_lower_inverse(Lt[i][i], precision)
   for i in range(1, nb):
     for j in range(i - 1, -1, -1):
-      acc = dot(Lt[i][j], Ai[j][j])
+      acc = mm(Lt[i][j], Ai[j][j])
       for t in range(j + 1, i):
-        acc = acc + dot(Lt[i][t], Ai[t][j])
-      Ai[i][j] = -dot(Ai[i][i], acc)
+        acc = acc + mm(Lt[i][t], Ai[t][j])
+      Ai[i][j] = -mm(Ai[i][i], acc)
   return Ai
 
 
-def chunk_prep(load, store, C):
+def chunk_prep(load, store, C, inverse_precision=None):
   """Everything of one chunk that does not depend on the state, written once so the serial passes stay short.
 
   `load(name, b)` returns rows [b*SUB, (b+1)*SUB) of input `name` (q, k, v, gam, beta, m, seg), or the whole
   chunk for b = None; `store(name, b, x)` writes likewise (for "a", b = (i, j) is a [SUB, SUB] tile).
   Writes w, u (as `chunk_wu`), a = A = (I + L)^-1 (compute dtype, reused by the gradient kernel),
   p = Q K^T * D, qe = E Q, kf = F K and gl (the chunk's total decay, repeated on every row).
-  The inverse works on [SUB, SUB] tiles (`tile_inverse`).
+  The inverse works on [SUB, SUB] tiles (`tile_inverse`, its float32 products at `inverse_precision`).
   """
   q, k = load("q", None), load("k", None)
   cdt = k.dtype
@@ -161,7 +168,7 @@ def chunk_prep(load, store, C):
         mask = mask & strict
       Dij = jnp.where(mask, jnp.exp(jnp.where(mask, gb[i] - grow[j], 0.0)), 0.0)
       Lt[i][j] = bb[i] * dot(kb[i], kb[j], tb=True) * Dij
-  Ai = tile_inverse(Lt)
+  Ai = tile_inverse(Lt, inverse_precision)
   zero = jnp.zeros((SUB, SUB), cdt)
   for i in range(nb):
     u = w = None

@@ -22,6 +22,9 @@ from .naive import L2NORM_EPS
 # Value columns per program of the sequential passes. 32 (twice the programs of 64 on the H100's 132 SMs): 3-9%
 # faster end to end at T=8192-32768 in the same device call (gdn_kernel_notes.md, run 6).
 BV = 32
+# Triton num_warps / num_stages of the sequential passes (versions 2 and 3). The stages set how far ahead of the
+# dependent state step the per-chunk operands are loaded: 3 made the forward pass 25% faster than 2 (run 8).
+SERIAL_WARPS, SERIAL_STAGES = 4, 3
 # Version 2 (default): `prep` hoists all state-independent work (tiled inverse, Q K^T * D, gate columns) into one
 # chunk-parallel kernel, the serial passes read it, and the gradient kernel reuses the stored A. False selects
 # version 1 (wu + forward/backward_state that recompute the gates and Q K^T per step, inverse recomputed in grads).
@@ -43,9 +46,24 @@ def grads(q, k, v, gam, beta, m, seg, h, dh, do, *, chunk_size, a=None):
 # ---------------------------------------------------------------- version 2: state-independent work hoisted
 
 PREP_NAMES = ("w", "u", "a", "p", "qe", "kf", "gl")
+PREP_WARPS = 4  # num_warps of the chunk-parallel prep kernels (2 and 8: 2.1x and 1.5x slower, run 8)
+# Products of prep's float32 triangular inverse when the compute dtype is 16-bit: "ieee" (float32 on the FMA units),
+# "tf32" (one TF32 pass on the matrix units, ~11 bits, above the compute dtype's 8) or "tf32x3" (three TF32 passes,
+# ~float32; interpret mode runs these as "ieee": the CPU has no such algorithm). float32 operands always use "ieee".
+INVERSE_PRECISION = "ieee"
 
 
-def _run_chunk_prep(out_refs, n_rows, load_rows):
+def _inverse_precision(dtype):
+  if dtype == jnp.float32 or INVERSE_PRECISION == "ieee":
+    return None
+  if INVERSE_PRECISION == "tf32":
+    return jax.lax.Precision.HIGH
+  if INVERSE_PRECISION == "tf32x3":
+    return None if _compat.gpu_interpret() else jax.lax.DotAlgorithmPreset.TF32_TF32_F32_X3
+  raise ValueError(f"INVERSE_PRECISION must be 'ieee', 'tf32' or 'tf32x3', got {INVERSE_PRECISION!r}")
+
+
+def _run_chunk_prep(out_refs, n_rows, load_rows, dtype):
   """`chunk_math.chunk_prep` over one chunk: `load_rows(name, rows)` reads rows of an input; the results go to the
   `PREP_NAMES` output refs (`a` as [SUB x SUB] tiles, the rest as row blocks)."""
   outs = dict(zip(PREP_NAMES, out_refs))
@@ -59,12 +77,12 @@ def _run_chunk_prep(out_refs, n_rows, load_rows):
     else:
       ref[rows(b), :] = x.astype(ref.dtype)
 
-  cm.chunk_prep(lambda name, b: load_rows(name, rows(b)), store, n_rows)
+  cm.chunk_prep(lambda name, b: load_rows(name, rows(b)), store, n_rows, _inverse_precision(dtype))
 
 
 def _prep_kernel(q_ref, k_ref, v_ref, gam_ref, beta_ref, m_ref, seg_ref, *out_refs):
   ins = dict(q=q_ref, k=k_ref, v=v_ref, gam=gam_ref, beta=beta_ref, m=m_ref, seg=seg_ref)
-  _run_chunk_prep(out_refs, q_ref.shape[0], lambda name, r: ins[name][r, :])
+  _run_chunk_prep(out_refs, q_ref.shape[0], lambda name, r: ins[name][r, :], k_ref.dtype)
 
 
 def prep(q, k, v, gam, beta, m, seg, *, chunk_size):
@@ -79,7 +97,7 @@ def prep(q, k, v, gam, beta, m, seg, *, chunk_size):
       _prep_kernel, grid=(N, Tp // C),
       in_specs=[row(K), row(K), row(V), row(1), row(1), row(1), row(1)],
       out_specs=[row(dims[n]) for n in PREP_NAMES], out_shape=[sds(n) for n in PREP_NAMES],
-      compiler_params=_compat.triton_params(num_warps=4, num_stages=2), interpret=_compat.gpu_interpret(),
+      compiler_params=_compat.triton_params(num_warps=PREP_WARPS, num_stages=2), interpret=_compat.gpu_interpret(),
       name="gdn_prep",
   )(q, k, v, gam, beta, m, seg)
   return dict(zip(PREP_NAMES, out))
@@ -127,8 +145,8 @@ def forward_pre(pre, h0, store, need_o=True, *, chunk_size):
       functools.partial(_forward_pre_kernel, C=C, NT=NT, need_o=need_o, store=store), grid=(N, V // bv),
       in_specs=[full(K), full(K), full(K), cols, full(C), full(1), st],
       out_specs=out_specs, out_shape=out_shape,
-      compiler_params=_compat.triton_params(num_warps=4, num_stages=2), interpret=_compat.gpu_interpret(),
-      name="gdn_fwd_state_v2",
+      compiler_params=_compat.triton_params(num_warps=SERIAL_WARPS, num_stages=SERIAL_STAGES),
+      interpret=_compat.gpu_interpret(), name="gdn_fwd_state_v2",
   )(qe, kf, w, u, p, gl, h0))
   o = out.pop(0) if need_o else None
   hT = out.pop(0)
@@ -161,8 +179,8 @@ def backward_state_pre(pre, do, dhT, *, chunk_size):
       in_specs=[full(K), full(K), full(K), full(C), full(1), cols, st],
       out_specs=[pl.BlockSpec((None, NT, K, bv), lambda n, j: (n, 0, 0, j)), st],
       out_shape=[jax.ShapeDtypeStruct((N, NT, K, V), qe.dtype), jax.ShapeDtypeStruct((N, K, V), jnp.float32)],
-      compiler_params=_compat.triton_params(num_warps=4, num_stages=2), interpret=_compat.gpu_interpret(),
-      name="gdn_bwd_state_v2",
+      compiler_params=_compat.triton_params(num_warps=SERIAL_WARPS, num_stages=SERIAL_STAGES),
+      interpret=_compat.gpu_interpret(), name="gdn_bwd_state_v2",
   )(qe, kf, w, p, gl, do, dhT)
 
 
@@ -251,16 +269,20 @@ def backward_state(q, k, w, do, gam, m, seg, dhT, *, chunk_size):
 # The version-3 wrappers take per-token tensors in the caller's [B, T, H, *] layout (heads-first arrays pass as
 # [N, Tp, 1, *], i.e. H = 1) and keep the intermediates of `prep` and the states heads-first ([B*H, ...]).
 SPLIT_GRADS = True
-# NATIVE_LAYOUT (with SPLIT_GRADS): q, k, v, O and all input gradients are read and written in the caller's
-# [B, T, H, *] layout, and the q/k L2 norm, the scale and the norm's VJP run inside the kernels (`forward_native`,
-# `backward_native`). False (the default): `chunk._prepare` normalises, scales and transposes in XLA. Measured on an
-# H100 (benchmarks/gdn_kernel_notes.md): the in-kernel variant's `prep` is slower (0.64 vs 0.34 ms at T=8192) than
-# the XLA preparation plus the heads-first `prep` together, so forward and forward+backward are faster without it.
-NATIVE_LAYOUT = False
+# NATIVE_LAYOUT (with SPLIT_GRADS, the default): q, k, v, O and all input gradients are read and written in the
+# caller's [B, T, H, *] layout (`forward_native`, `backward_native`); prep's outputs and the states stay heads-first.
+# False: `chunk._prepare` transposes q, k, v to heads-first in XLA and O back (measured on an H100, run 9: forward
+# 2.76 -> 2.48 ms and forward+backward 7.58 -> 7.01 ms at T=32768 without the transposes).
+NATIVE_LAYOUT = True
+# KERNEL_L2NORM (with NATIVE_LAYOUT): the q/k L2 norm and the scale run inside the kernels (True), or in XLA as one
+# elementwise pass in the caller's layout before them (False, the default: the in-kernel norm doubled prep's time,
+# 0.63 vs 0.33 ms at T=8192, run 8; prep on normalised rows in this layout costs the same as on heads-first rows).
+KERNEL_L2NORM = False
 GRAD_BK = 64  # key columns per block of the version-3 gradient kernel
 GRAD_BV = 64  # value columns per block of the version-3 gradient kernel
 GRAD_LOOP = True  # value blocks of the gradient kernel in a fori_loop (True) or unrolled
 GRAD_WARPS = 8  # num_warps of the version-3 gradient kernel
+GRAD_STAGES = 1  # num_stages of the version-3 gradient kernel
 
 
 def _forward_v3_kernel(qe_ref, kf_ref, w_ref, u_ref, p_ref, gl_ref, h0_ref, *outs, C, NT, need_o, store):
@@ -318,8 +340,8 @@ def forward_v3(pre, h0, *, heads, chunk_size, need_o=True, store=False, o_dtype=
       functools.partial(_forward_v3_kernel, C=C, NT=NT, need_o=need_o, store=store), grid=(B, H, V // bv),
       in_specs=[full(K), full(K), full(K), cols, full(C), full(1), st],
       out_specs=out_specs, out_shape=out_shape,
-      compiler_params=_compat.triton_params(num_warps=4, num_stages=2), interpret=_compat.gpu_interpret(),
-      name="gdn_fwd_state_v3",
+      compiler_params=_compat.triton_params(num_warps=SERIAL_WARPS, num_stages=SERIAL_STAGES),
+      interpret=_compat.gpu_interpret(), name="gdn_fwd_state_v3",
   )(qe, kf, w, u, p, gl, h0))
   o = out.pop(0) if need_o else None
   hT = out.pop(0)
@@ -360,8 +382,8 @@ def backward_state_v3(pre, do, dhT, *, chunk_size):
                 pl.BlockSpec((None, Tp, None, bv), lambda b, hh, j: (b, 0, hh, j)), st],
       out_specs=[pl.BlockSpec((None, NT, K, bv), lambda b, hh, j: (nh(b, hh), 0, 0, j)), st, cols],
       out_shape=[sds((N, NT, K, V), w.dtype), sds((N, K, V), jnp.float32), sds((N, Tp, V), w.dtype)],
-      compiler_params=_compat.triton_params(num_warps=4, num_stages=2), interpret=_compat.gpu_interpret(),
-      name="gdn_bwd_state_v3",
+      compiler_params=_compat.triton_params(num_warps=SERIAL_WARPS, num_stages=SERIAL_STAGES),
+      interpret=_compat.gpu_interpret(), name="gdn_bwd_state_v3",
   )(qe, kf, w, p, gl, do, dhT)
 
 
@@ -468,7 +490,8 @@ def grads_v3(a, q, k, v, gam, beta, m, seg, h, dh, vn, dvn, do, *, chunk_size, r
       out_specs=[tok(K), tok(K), tok(V), tok(1), tok(1)],
       out_shape=[sds(q.shape, q.dtype), sds(k.shape, k.dtype), sds(v.shape, v.dtype), sds((B, Tp, H, 1), f32),
                  sds((B, Tp, H, 1), f32)],
-      compiler_params=_compat.triton_params(num_warps=GRAD_WARPS, num_stages=1), interpret=_compat.gpu_interpret(),
+      compiler_params=_compat.triton_params(num_warps=GRAD_WARPS, num_stages=GRAD_STAGES),
+      interpret=_compat.gpu_interpret(),
       name="gdn_grads_v3",
   )(q, k, v, do, gam, beta, m, seg, a, vn, dvn, h, dh)
 
@@ -493,12 +516,14 @@ def _prep_v3_kernel(q_ref, k_ref, v_ref, gam_ref, beta_ref, m_ref, seg_ref, *out
   def load(name, r):
     x = ins[name][r, :]
     if name in ("q", "k"):  # raw rows -> normalised (and, for q, scaled) in the compute dtype
+      if not l2norm and (scale is None or name == "k"):
+        return x.astype(cdt)
       x = x.astype(jnp.float32)
       rho = jax.lax.rsqrt(jnp.sum(x * x, axis=1, keepdims=True) + L2NORM_EPS) if l2norm else None
       return _normalise(x, rho, scale if name == "q" else None).astype(cdt)
     return x.astype(cdt if name == "v" else jnp.float32)
 
-  _run_chunk_prep(out_refs, q_ref.shape[0], load)
+  _run_chunk_prep(out_refs, q_ref.shape[0], load, cdt)
 
 
 def prep_v3(q, k, v, gam, beta, m, seg, *, chunk_size, scale, l2norm):
@@ -518,7 +543,7 @@ def prep_v3(q, k, v, gam, beta, m, seg, *, chunk_size, scale, l2norm):
       functools.partial(_prep_v3_kernel, scale=scale, l2norm=l2norm), grid=(B, H, Tp // C),
       in_specs=[tok(K), tok(K), tok(V), tok(1), tok(1), bcol, bcol],
       out_specs=[out_spec(dims[n]) for n in PREP_NAMES], out_shape=[sds(n) for n in PREP_NAMES],
-      compiler_params=_compat.triton_params(num_warps=4, num_stages=2), interpret=_compat.gpu_interpret(),
+      compiler_params=_compat.triton_params(num_warps=PREP_WARPS, num_stages=2), interpret=_compat.gpu_interpret(),
       name="gdn_prep_v3",
   )(q, k, v, gam, beta, m, seg)
   return dict(zip(PREP_NAMES, out))
@@ -533,11 +558,12 @@ def forward_native(q, k, v, gam, beta, m, seg, h0, *, chunk_size, scale, l2norm)
 
 def backward_native(q, k, v, gam, beta, m, seg, h0, do, dhT, *, chunk_size, scale, l2norm):
   """Backward of `forward_native` (do [B, Tp, H, V], dhT [B*H, K, V]): dq, dk, dv in the caller's layout and
-  dtypes (through the L2 norm and the scale), dbeta, dg [B, Tp, H, 1] float32, dh0 [B*H, K, V]."""
+  dtypes (through the L2 norm and the scale), dbeta, dg [B, Tp, H, 1] float32, dh0 [B*H, K, V]. q and k as given
+  to `forward_native`: raw when `l2norm` or `scale` is set, else already normalised and scaled."""
   C = chunk_size
   pre = prep_v3(q, k, v, gam, beta, m, seg, chunk_size=C, scale=scale, l2norm=l2norm)
   _, _, h, vn = forward_v3(pre, h0, heads=q.shape[2], need_o=False, store=True, chunk_size=C)
   dh, dh0, dvn = backward_state_v3(pre, do, dhT, chunk_size=C)
-  out = grads_v3(pre["a"], q, k, v, gam, beta, m, seg, h, dh, vn, dvn, do, chunk_size=C, raw=True, scale=scale,
-                 l2norm=l2norm)
+  out = grads_v3(pre["a"], q, k, v, gam, beta, m, seg, h, dh, vn, dvn, do, chunk_size=C,
+                 raw=l2norm or scale is not None, scale=scale, l2norm=l2norm)
   return out + (dh0,)
