@@ -5,10 +5,11 @@ One device call (fla 0.4.0 wheels carried in .wheels/, see PERFORMANCE.md):
   (--long '' skips T=131072, --no-fla skips fla, --xla adds our XLA backend; --smoke: tiny shapes on CPU, interpret
   mode, no fla: checks that the script runs end to end.)
 Order: correctness (bf16, T=2000, every A/B config vs the fp32 recurrence), then the A/B of the Pallas GPU versions
-(`pallas_gpu` flags, CONFIGS: v2 = SPLIT_GRADS off, v3_xla_layout = the default (serial passes in 32-column programs
-since run 6), v3 = NATIVE_LAYOUT on, v3_bv64 = 64-column programs (the default before); --configs picks, default
-DEFAULT_AB) forward and forward+backward at each length, then fla, then each kernel stage of v2 and v3 (and the
-block-size variants) jitted alone at T=8192.
+(`pallas_gpu` flags, CONFIGS: v3 = the default (caller's layout, q/k normalised by XLA, serial passes with 3 Triton
+stages), v3_tf32 / v3_tf32x3 = prep's triangular inverse on the matrix units, v3_xla_layout (the default until run
+9), v3_kernel_norm, v3_serial_s2, v2 and v3_bv64 older versions; --configs picks, default DEFAULT_AB) forward and
+forward+backward at each length, then fla, then T=131072 (default version), then each kernel stage of the default
+path (and the candidates) jitted alone at T=8192.
 Shapes: B=1, H=16, K=128, V=256, bf16 operands, fp32 state, q/k L2-norm inside. Times are medians of timed
 repeats after warm-up (JAX: wall clock around block_until_ready of a batch of calls; torch: CUDA events).
 Peak memory: JAX from the compiled executable's memory analysis (arguments + outputs + temporaries); fla from
@@ -45,14 +46,19 @@ B, H, K, V = 1, 16, 128, 256
 REPS, INNER = 5, 10  # bench_jax defaults (--smoke: 1, 1)
 
 # Pallas GPU versions compared in one run (module flags of pallas_gpu, read when a function is traced).
-_V3 = dict(FUSED_PREP=True, SPLIT_GRADS=True, NATIVE_LAYOUT=False, BV=32)
+_V3 = dict(FUSED_PREP=True, SPLIT_GRADS=True, NATIVE_LAYOUT=True, KERNEL_L2NORM=False, BV=32, SERIAL_STAGES=3,
+           INVERSE_PRECISION="ieee")
 CONFIGS = {
     "v2": dict(_V3, SPLIT_GRADS=False),
-    "v3_xla_layout": dict(_V3),  # the default configuration
-    "v3": dict(_V3, NATIVE_LAYOUT=True),
+    "v3": dict(_V3),  # the default configuration
+    "v3_tf32": dict(_V3, INVERSE_PRECISION="tf32"),  # prep's inverse on the matrix units, one TF32 pass
+    "v3_tf32x3": dict(_V3, INVERSE_PRECISION="tf32x3"),  # three TF32 passes
+    "v3_xla_layout": dict(_V3, NATIVE_LAYOUT=False),  # XLA transposes to heads-first: the default until run 9
+    "v3_kernel_norm": dict(_V3, KERNEL_L2NORM=True),  # q/k L2 norm and scale inside the kernels
+    "v3_serial_s2": dict(_V3, SERIAL_STAGES=2),  # serial passes with 2 Triton stages: the default until run 8
     "v3_bv64": dict(_V3, BV=64),  # serial passes in 64-column programs: the default until run 6
 }
-DEFAULT_AB = ("v3_xla_layout", "v3_bv64")  # --configs default
+DEFAULT_AB = ("v3", "v3_tf32", "v3_tf32x3")  # --configs default
 FWD_SAME_AS = {"v3_xla_layout": "v2"}  # identical forward kernels: timed once
 
 
@@ -106,7 +112,7 @@ def compiled_peak(comp):
     return None
 
 
-def correctness(report, dtypes=(jnp.bfloat16,), configs=("v3", "v3_xla_layout"), T=1000):
+def correctness(report, dtypes=(jnp.bfloat16,), configs=("v3",), T=1000):
   """Ours vs the fp32 recurrence (run under highest matmul precision), with resets and an initial state."""
   for dtype in dtypes:
     tols = {jnp.dtype(jnp.float32): 1e-3, jnp.dtype(jnp.bfloat16): 2e-2}
@@ -237,16 +243,17 @@ def fla_worker(lengths, out, flags):
 # ---------------------------------------------------------------- stages
 
 def stage_times(T, out=None, left=lambda: 1e9):
-  """Where our time goes: each stage of the custom VJP jitted alone (bf16, T tokens), version 3 then version 2.
+  """Where our time goes: each stage of the default path's custom VJP jitted alone (bf16, T tokens), then variants.
 
   Fills and returns `out` (stage -> ms, or a string saying why not); stops early when `left()` (seconds) runs low.
-  v3_* stages are the default path (NATIVE_LAYOUT: raw [B, T, H, *] inputs); v2_* the previous one.
+  The default path: XLA normalises and scales q, k in [B, T, H, K] and forms the gate columns (v3_xla_inputs), then
+  prep, the forward state pass (with O), the backward's states-only pass (+ V'), its reverse pass (+ dV') and the
+  gradient kernel, all reading and writing the caller's layout.
   """
   out = {} if out is None else out
   C = 64
   args, _ = inputs(0, T)
   sc = K ** -0.5
-  as4 = lambda x: x[:, :, None, :]  # heads-first [N, Tp, d] -> [N, Tp, 1, d] (B = N, H = 1)
 
   def stage(name, fn, *a):
     if left() < 15:
@@ -264,62 +271,38 @@ def stage_times(T, out=None, left=lambda: 1e9):
 
   def v3():
     qr, kr, vr, gr, br = args
-    pre_x = lambda g, b: ((gdn_chunk._cumsum_bthd(g.astype(jnp.float32)[..., None], C),
-                           b.astype(jnp.float32)[..., None]) + gdn_chunk._segments(None, B, T, C))
-    gam4, beta4, m3, seg3 = stage("v3_xla_inputs", pre_x, gr, br)
+    norm = lambda x, s: (gdn_chunk.l2norm(x).astype(jnp.float32) * s).astype(x.dtype)
+    xla_inputs = lambda q, k, g, b: ((norm(q, sc), norm(k, 1.0), gdn_chunk._cumsum_bthd(g.astype(jnp.float32)[..., None], C),
+                                       b.astype(jnp.float32)[..., None]) + gdn_chunk._segments(None, B, T, C))
+    qn, kn, gam4, beta4, m3, seg3 = stage("v3_xla_inputs", xla_inputs, qr, kr, gr, br)
     h0 = jnp.zeros((B * H, K, V), jnp.float32)
-    pre = stage("v3_prep", lambda *a: pallas_gpu.prep_v3(*a, chunk_size=C, scale=sc, l2norm=True),
-                qr, kr, vr, gam4, beta4, m3, seg3)
+    prep_args = (qn, kn, vr, gam4, beta4, m3, seg3)
+    prep = lambda *a: pallas_gpu.prep_v3(*a, chunk_size=C, scale=None, l2norm=False)
+    pre = stage("v3_prep", prep, *prep_args)
     fwd = lambda p, h: pallas_gpu.forward_v3(p, h, heads=H, need_o=True, o_dtype=vr.dtype, chunk_size=C)[:2]
     stage("v3_fwd_state", fwd, pre, h0)
     hT, h, vn = stage("v3_fwd_states_only_store", lambda p, h: pallas_gpu.forward_v3(
         p, h, heads=H, need_o=False, store=True, chunk_size=C)[1:], pre, h0)
     do = vr
-    bwd = lambda p, d, s: pallas_gpu.backward_state_v3(p, d, s, chunk_size=C)
-    dh, _, dvn = stage("v3_bwd_state", bwd, pre, do, hT)
-    g3 = (pre["a"], qr, kr, vr, gam4, beta4, m3, seg3, h, dh, vn, dvn, do)
-    stage("v3_grads", lambda *x: pallas_gpu.grads_v3(*x, chunk_size=C, raw=True, scale=sc, l2norm=True), *g3)
-    # version 3 with the XLA layout: the same gradient kernel on normalised heads-first arrays
-    q, k, v, g, beta, _, m, seg = jax.jit(lambda *a: gdn_chunk._prepare(*a, sc, None, True, None, C))(*args)
-    gam = gdn_chunk.chunk_cumsum(g, C)
-    stage("v3_grads_xla_layout", lambda *x: pallas_gpu.grads_v3(*x, chunk_size=C),
-          pre["a"], as4(q), as4(k), as4(v), as4(gam), as4(beta), m, seg, h, dh, vn, dvn, as4(v))
-    ctx.update(g3=g3, fwd=fwd, bwd=bwd, pre=pre, h0=h0, do=do, hT=hT)
+    dh, _, dvn = stage("v3_bwd_state", lambda p, d, s: pallas_gpu.backward_state_v3(p, d, s, chunk_size=C),
+                       pre, do, hT)
+    stage("v3_grads", lambda *x: pallas_gpu.grads_v3(*x, chunk_size=C),
+          pre["a"], qn, kn, vr, gam4, beta4, m3, seg3, h, dh, vn, dvn, do)
+    ctx.update(prep=prep, prep_args=prep_args)
 
-  def variants():  # block sizes of version 3 (the module constants are read when traced)
-    g3, fwd, bwd, pre, h0, do, hT = (ctx[n] for n in ("g3", "fwd", "bwd", "pre", "h0", "do", "hT"))
-    for name, flags in (("v3_grads_bk32", dict(GRAD_BK=32)), ("v3_grads_bv128", dict(GRAD_BV=128)),
-                        ("v3_grads_unrolled", dict(GRAD_LOOP=False))):
+  def variants():  # candidates of run 10 (the module constants are read when traced)
+    for name, flags in (("v3_prep_tf32", dict(INVERSE_PRECISION="tf32")),
+                        ("v3_prep_tf32x3", dict(INVERSE_PRECISION="tf32x3"))):
       with gpu_flags(**flags):
         try:
-          stage(name, lambda *x: pallas_gpu.grads_v3(*x, chunk_size=C, raw=True, scale=sc, l2norm=True), *g3)
+          stage(name, ctx["prep"], *ctx["prep_args"])
         except TimeoutError:
           raise
         except Exception:  # noqa: BLE001  (recorded; the other stages go on)
           pass
-    states = lambda p, h: pallas_gpu.forward_v3(p, h, heads=H, need_o=False, store=True, chunk_size=C)[1:]
-    with gpu_flags(BV=64):  # the default before run 6 (the plain v3 stages run the current default, 32)
-      stage("v3_fwd_state_bv64", lambda *a: fwd(*a), pre, h0)
-      stage("v3_fwd_states_only_store_bv64", states, pre, h0)
-      stage("v3_bwd_state_bv64", lambda *a: bwd(*a)[:2], pre, do, hT)
-
-  def v2():
-    with gpu_flags(**CONFIGS["v2"]):
-      prep_x = lambda *a: gdn_chunk._prepare(*a, sc, None, True, None, C)
-      q, k, v, g, beta, h0, m, seg = stage("v2_xla_prepare", prep_x, *args)
-      gam = gdn_chunk.chunk_cumsum(g, C)
-      pre = stage("v2_prep", lambda *a: pallas_gpu.prep(*a, chunk_size=C), q, k, v, gam, beta, m, seg)
-      stage("v2_fwd_state", lambda p, h: pallas_gpu.forward_pre(p, h, False, chunk_size=C)[:2], pre, h0)
-      hT, h = stage("v2_fwd_states_only_store",
-                    lambda p, h: pallas_gpu.forward_pre(p, h, True, need_o=False, chunk_size=C)[1:], pre, h0)
-      do = v
-      dh, _ = stage("v2_bwd_state", lambda p, d, s: pallas_gpu.backward_state_pre(p, d, s, chunk_size=C),
-                    pre, do, hT)
-      stage("v2_grads", lambda a, *x: pallas_gpu.grads(*x, chunk_size=C, a=a),
-            pre["a"], q, k, v, gam, beta, m, seg, h, dh, do)
 
   ctx = {}
-  for part in (v3, v2, variants):
+  for part in (v3, variants):
     if part is variants and not ctx:
       continue
     try:
@@ -337,7 +320,7 @@ def table(report):
   fmt = lambda t: f"{t:.3f}" if t else "-"
   cfgs = list(info.get("configs", {}))
   lines = [f"\n{info['device']}  JAX {info['jax']}",
-           "A/B of the Pallas GPU versions (ms; v3_xla_layout = the default, its forward is v2's; best = the fastest "
+           "A/B of the Pallas GPU versions (ms; v3 = the default; v3_xla_layout's forward is v2's; best = the fastest "
            "config, speed-up = default / best; peak of the best):",
            "| T | mode | " + " | ".join(f"{c} ms" for c in cfgs) + " | best | default/best | best peak GB |",
            "|---|---|" + "---|" * (len(cfgs) + 3)]
@@ -350,7 +333,7 @@ def table(report):
       if not any(ts):
         continue
       best = min((c for c in cfgs if get(c)), key=get)
-      base = get("v3_xla_layout")
+      base = get("v3")
       lines.append(f"| {T} | {mode} | " + " | ".join(fmt(t) for t in ts) + f" | {best} | "
                    f"{f'{base / get(best):.2f}' if base else '-'} | {gb(r.get(f'{best}_{mode}_peak'))} |")
   lines += ["ours (default version) vs fla and the XLA backend:",
@@ -545,17 +528,17 @@ def main():
     time.sleep(0.5)
   if fla_running():
     worker.kill()
-  if a.stages:
-    section(f"stages T={a.stages}", 60, lambda: stage_times(a.stages, report["stages"], lambda: left() - 20))
-    print(f"stages (ms) at T={a.stages}:", {k: (round(v, 3) if isinstance(v, float) else v)
-                                            for k, v in report["stages"].items()}, flush=True)
   for T in longs:
     report["timing"][T] = {"T": T}
 
     def run_long():
-      compile_ab(T, [next((c for c in ("v3_xla_layout", "v3") if c in configs), configs[0])])
+      compile_ab(T, ["v3" if "v3" in configs else configs[0]])
       time_all()
     section(f"ours T={T}", 45, run_long)
+  if a.stages:
+    section(f"stages T={a.stages}", 60, lambda: stage_times(a.stages, report["stages"], lambda: left() - 20))
+    print(f"stages (ms) at T={a.stages}:", {k: (round(v, 3) if isinstance(v, float) else v)
+                                            for k, v in report["stages"].items()}, flush=True)
   finalize(report, a.out, "complete")
 
 
