@@ -5,11 +5,11 @@ One device call (fla 0.4.0 wheels carried in .wheels/, see PERFORMANCE.md):
   (--long '' skips T=131072, --no-fla skips fla, --xla adds our XLA backend; --smoke: tiny shapes on CPU, interpret
   mode, no fla: checks that the script runs end to end.)
 Order: correctness (bf16, T=2000, every A/B config vs the fp32 recurrence), then the A/B of the Pallas GPU versions
-(`pallas_gpu` flags, CONFIGS: v3 = the default (caller's layout, q/k normalised by XLA, serial passes with 3 Triton
-stages), v3_tf32 / v3_tf32x3 = prep's triangular inverse on the matrix units, v3_xla_layout (the default until run
-9), v3_kernel_norm, v3_serial_s2, v2 and v3_bv64 older versions; --configs picks, default DEFAULT_AB) forward and
-forward+backward at each length, then fla, then T=131072 (default version), then each kernel stage of the default
-path (and the candidates) jitted alone at T=8192.
+(`pallas_gpu` flags, CONFIGS: v3 = the default (caller's layout, q/k normalised by one Triton kernel, serial passes
+with 3 Triton stages, prep's inverse in TF32), v3_xla_qk_norm = q/k normalised by XLA, v3_ieee / v3_tf32x3 /
+v3_prep_w8 / v3_xla_layout / v3_kernel_norm / v3_serial_s2 / v2 / v3_bv64 = earlier defaults and candidates;
+--configs picks, default DEFAULT_AB) forward and forward+backward at each length, then fla, then T=131072 (default
+version), then each kernel stage of the default path (and the candidates) jitted alone at T=8192.
 Shapes: B=1, H=16, K=128, V=256, bf16 operands, fp32 state, q/k L2-norm inside. Times are medians of timed
 repeats after warm-up (JAX: wall clock around block_until_ready of a batch of calls; torch: CUDA events).
 Peak memory: JAX from the compiled executable's memory analysis (arguments + outputs + temporaries); fla from
@@ -39,6 +39,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from pallas_kernels.gated_delta_rule import chunk as gdn_chunk
+from pallas_kernels.gated_delta_rule import qk_norm
 from pallas_kernels.gated_delta_rule import (chunk_gated_delta_rule, naive_recurrent_gated_delta_rule,
                                              pallas_gpu)
 
@@ -46,19 +47,21 @@ B, H, K, V = 1, 16, 128, 256
 REPS, INNER = 5, 10  # bench_jax defaults (--smoke: 1, 1)
 
 # Pallas GPU versions compared in one run (module flags of pallas_gpu, read when a function is traced).
-_V3 = dict(FUSED_PREP=True, SPLIT_GRADS=True, NATIVE_LAYOUT=True, KERNEL_L2NORM=False, BV=32, SERIAL_STAGES=3,
-           INVERSE_PRECISION="ieee")
+_V3 = dict(FUSED_PREP=True, SPLIT_GRADS=True, NATIVE_LAYOUT=True, KERNEL_L2NORM=False, QK_NORM_KERNEL=True, BV=32,
+           SERIAL_STAGES=3, INVERSE_PRECISION="tf32", PREP_WARPS=4)
 CONFIGS = {
     "v2": dict(_V3, SPLIT_GRADS=False),
     "v3": dict(_V3),  # the default configuration
-    "v3_tf32": dict(_V3, INVERSE_PRECISION="tf32"),  # prep's inverse on the matrix units, one TF32 pass
+    "v3_xla_qk_norm": dict(_V3, QK_NORM_KERNEL=False),  # q/k normalised by XLA's fusions: the default until run 12
+    "v3_ieee": dict(_V3, INVERSE_PRECISION="ieee"),  # prep's inverse on the FMA units: the default until run 10
     "v3_tf32x3": dict(_V3, INVERSE_PRECISION="tf32x3"),  # three TF32 passes
+    "v3_prep_w8": dict(_V3, PREP_WARPS=8),
     "v3_xla_layout": dict(_V3, NATIVE_LAYOUT=False),  # XLA transposes to heads-first: the default until run 9
     "v3_kernel_norm": dict(_V3, KERNEL_L2NORM=True),  # q/k L2 norm and scale inside the kernels
     "v3_serial_s2": dict(_V3, SERIAL_STAGES=2),  # serial passes with 2 Triton stages: the default until run 8
     "v3_bv64": dict(_V3, BV=64),  # serial passes in 64-column programs: the default until run 6
 }
-DEFAULT_AB = ("v3", "v3_tf32", "v3_tf32x3")  # --configs default
+DEFAULT_AB = ("v3", "v3_xla_qk_norm")  # --configs default
 FWD_SAME_AS = {"v3_xla_layout": "v2"}  # identical forward kernels: timed once
 
 
@@ -79,10 +82,15 @@ def rel(a, b):
   return float(np.linalg.norm(a - b) / np.linalg.norm(b))
 
 
-def inputs(seed, T, dtype=jnp.bfloat16, resets=False):
-  ks = jax.random.split(jax.random.PRNGKey(seed), 6)
+def inputs(seed, T, dtype=jnp.bfloat16, resets=False, correlated=False):
+  """Random inputs; `correlated`: keys of one head share a direction (cosine ~0.9 between tokens), which makes the
+  chunk's triangular system (I + L) far from the identity."""
+  ks = jax.random.split(jax.random.PRNGKey(seed), 7)
   q = jax.random.normal(ks[0], (B, T, H, K), dtype)
-  k = jax.random.normal(ks[1], (B, T, H, K), dtype)
+  k = jax.random.normal(ks[1], (B, T, H, K), jnp.float32)
+  if correlated:
+    k = 3.0 * jax.random.normal(ks[6], (B, 1, H, K), jnp.float32) + k
+  k = k.astype(dtype)
   v = jax.random.normal(ks[2], (B, T, H, V), dtype)
   g = -jax.nn.softplus(jax.random.normal(ks[3], (B, T, H), jnp.float32) - 2.0)
   beta = jax.nn.sigmoid(jax.random.normal(ks[4], (B, T, H), jnp.float32)).astype(dtype)
@@ -113,11 +121,12 @@ def compiled_peak(comp):
 
 
 def correctness(report, dtypes=(jnp.bfloat16,), configs=("v3",), T=1000):
-  """Ours vs the fp32 recurrence (run under highest matmul precision), with resets and an initial state."""
-  for dtype in dtypes:
+  """Ours vs the fp32 recurrence (run under highest matmul precision), with resets and an initial state; random
+  keys for every config, then correlated keys for the first."""
+  for dtype, correlated in [(d, c) for d in dtypes for c in (False, True)]:
     tols = {jnp.dtype(jnp.float32): 1e-3, jnp.dtype(jnp.bfloat16): 2e-2}
     tol = tols[jnp.dtype(dtype)]
-    (q, k, v, g, beta), seg = inputs(1, T, dtype, resets=True)
+    (q, k, v, g, beta), seg = inputs(1, T, dtype, resets=True, correlated=correlated)
     h0 = jax.random.normal(jax.random.PRNGKey(9), (B, H, K, V), jnp.float32)
     f32 = lambda x: x.astype(jnp.float32)
     with jax.default_matmul_precision("highest"):
@@ -134,17 +143,24 @@ def correctness(report, dtypes=(jnp.bfloat16,), configs=("v3",), T=1000):
       o, s = chunk_gated_delta_rule(*a, initial_state=h0, output_final_state=True, segment_ids=seg,
                                     backend="pallas_gpu")
       return jnp.sum(o.astype(jnp.float32) * do) + jnp.sum(s)
-    for config in configs:
-      with gpu_flags(**CONFIGS[config]):  # traced (first call) inside: the flags select the kernels
-        o, s = jax.jit(lambda *a: chunk_gated_delta_rule(*a, initial_state=h0, output_final_state=True,
-                                                         segment_ids=seg, backend="pallas_gpu"))(q, k, v, g, beta)
-        gr = jax.jit(jax.grad(loss, argnums=(0, 1, 2, 3, 4)))(q, k, v, g, beta)
+    for config in configs[:1] if correlated else configs:
+      try:
+        with gpu_flags(**CONFIGS[config]):  # traced (first call) inside: the flags select the kernels
+          o, s = jax.jit(lambda *a: chunk_gated_delta_rule(*a, initial_state=h0, output_final_state=True,
+                                                           segment_ids=seg, backend="pallas_gpu"))(q, k, v, g, beta)
+          gr = jax.jit(jax.grad(lambda *a: loss(*a), argnums=(0, 1, 2, 3, 4)))(q, k, v, g, beta)
+      except Exception as e:  # noqa: BLE001  (recorded; the other configs go on)
+        report.append({"config": config, "keys": "correlated" if correlated else "random",
+                       "error": f"{type(e).__name__}: {str(e)[:300]}"})
+        print(f"correctness {config} failed: {report[-1]['error']}", flush=True)
+        continue
       errs = {"o": rel(o, ref[0]), "state": rel(s, ref[1])}
       errs.update({f"d{n}": rel(a, b) for n, a, b in zip("q k v g beta".split(), gr, gref)})
       ok = all(np.isfinite(e) and e <= tol for e in errs.values())
       report.append({"backend": "pallas_gpu", "config": config, "dtype": jnp.dtype(dtype).name, "T": T, "tol": tol,
-                     "ok": ok, **errs})
-      print(f"correctness {config:14s} {jnp.dtype(dtype).name:8s} ok={ok} " +
+                     "keys": "correlated" if correlated else "random", "ok": ok, **errs})
+      print(f"correctness {config:14s} {jnp.dtype(dtype).name:8s} {'correlated' if correlated else 'random':10s} "
+            f"ok={ok} " +
             " ".join(f"{n}={e:.2e}" for n, e in errs.items()), flush=True)
 
 
@@ -271,18 +287,19 @@ def stage_times(T, out=None, left=lambda: 1e9):
 
   def v3():
     qr, kr, vr, gr, br = args
-    norm = lambda x, s: (gdn_chunk.l2norm(x).astype(jnp.float32) * s).astype(x.dtype)
-    xla_inputs = lambda q, k, g, b: ((norm(q, sc), norm(k, 1.0), gdn_chunk._cumsum_bthd(g.astype(jnp.float32)[..., None], C),
-                                       b.astype(jnp.float32)[..., None]) + gdn_chunk._segments(None, B, T, C))
-    qn, kn, gam4, beta4, m3, seg3 = stage("v3_xla_inputs", xla_inputs, qr, kr, gr, br)
+    qn, kn = stage("v3_qk_norm", lambda q, k: qk_norm.normalise(q, k, sc, True), qr, kr)
+    stage("v3_qk_norm_xla", lambda q, k: qk_norm.reference(q, k, sc, True), qr, kr)
+    xla_inputs = lambda g, b: ((gdn_chunk._cumsum_bthd(g.astype(jnp.float32)[..., None], C),
+                                b.astype(jnp.float32)[..., None]) + gdn_chunk._segments(None, B, T, C))
+    gam4, beta4, m3, seg3 = stage("v3_xla_inputs", xla_inputs, gr, br)
     h0 = jnp.zeros((B * H, K, V), jnp.float32)
     prep_args = (qn, kn, vr, gam4, beta4, m3, seg3)
     prep = lambda *a: pallas_gpu.prep_v3(*a, chunk_size=C, scale=None, l2norm=False)
     pre = stage("v3_prep", prep, *prep_args)
     fwd = lambda p, h: pallas_gpu.forward_v3(p, h, heads=H, need_o=True, o_dtype=vr.dtype, chunk_size=C)[:2]
     stage("v3_fwd_state", fwd, pre, h0)
-    hT, h, vn = stage("v3_fwd_states_only_store", lambda p, h: pallas_gpu.forward_v3(
-        p, h, heads=H, need_o=False, store=True, chunk_size=C)[1:], pre, h0)
+    states = lambda p, h: pallas_gpu.forward_v3(p, h, heads=H, need_o=False, store=True, chunk_size=C)[1:]
+    hT, h, vn = stage("v3_fwd_states_only_store", states, pre, h0)
     do = vr
     dh, _, dvn = stage("v3_bwd_state", lambda p, d, s: pallas_gpu.backward_state_v3(p, d, s, chunk_size=C),
                        pre, do, hT)
@@ -290,12 +307,11 @@ def stage_times(T, out=None, left=lambda: 1e9):
           pre["a"], qn, kn, vr, gam4, beta4, m3, seg3, h, dh, vn, dvn, do)
     ctx.update(prep=prep, prep_args=prep_args)
 
-  def variants():  # candidates of run 10 (the module constants are read when traced)
-    for name, flags in (("v3_prep_tf32", dict(INVERSE_PRECISION="tf32")),
-                        ("v3_prep_tf32x3", dict(INVERSE_PRECISION="tf32x3"))):
+  def variants():  # each variant traced afresh (the module constants are read when traced)
+    for name, flags in (("v3_prep_ieee", dict(INVERSE_PRECISION="ieee")),):
       with gpu_flags(**flags):
         try:
-          stage(name, ctx["prep"], *ctx["prep_args"])
+          stage(name, lambda *x: ctx["prep"](*x), *ctx["prep_args"])
         except TimeoutError:
           raise
         except Exception:  # noqa: BLE001  (recorded; the other stages go on)

@@ -189,6 +189,32 @@ def test_pallas_bf16_forward(backend):
   check_forward(backend, x, 2e-2)
 
 
+@pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16])
+@pytest.mark.parametrize("use_l2norm", [True, False])
+def test_qk_norm_kernel(dtype, use_l2norm):
+  """The q/k normalising kernel equals its XLA reference (values and VJP), and falls back to it for rows that do
+  not tile."""
+  from pallas_kernels.gated_delta_rule import qk_norm
+  ks = jax.random.split(jax.random.PRNGKey(12), 4)
+  q = (3.0 * jax.random.normal(ks[0], (2, 48, 2, 32))).astype(dtype)
+  k = (0.2 * jax.random.normal(ks[1], (2, 48, 2, 32))).astype(dtype)
+  out = qk_norm.normalise(q, k, 0.3, use_l2norm)
+  ref = qk_norm.reference(q, k, 0.3, use_l2norm)
+  tol = 1e-6 if dtype == jnp.float32 else 1e-2
+  for a, b in zip(out, ref):
+    assert a.dtype == dtype and rel(a, b) <= tol
+  cts = (jax.random.normal(ks[2], q.shape, dtype), jax.random.normal(ks[3], k.shape, dtype))
+  loss = lambda fn: lambda q, k: sum(jnp.sum(x.astype(jnp.float32) * c.astype(jnp.float32))
+                                     for x, c in zip(fn(q, k), cts))
+  g = jax.grad(loss(lambda q, k: qk_norm.normalise(q, k, 0.3, use_l2norm)), argnums=(0, 1))(q, k)
+  gr = jax.grad(loss(lambda q, k: qk_norm.reference(q, k, 0.3, use_l2norm)), argnums=(0, 1))(q, k)
+  for a, b in zip(g, gr):
+    assert rel(a, b) <= 1e-6
+  assert "pallas_call" in str(jax.make_jaxpr(lambda q, k: qk_norm.normalise(q, k, 0.3, use_l2norm))(q, k))
+  odd = q[:, :5]  # 20 rows: not a multiple of ROWS
+  assert "pallas_call" not in str(jax.make_jaxpr(lambda q, k: qk_norm.normalise(q, k, 0.3, use_l2norm))(odd, odd))
+
+
 @pytest.mark.parametrize("precision", ["tf32", "tf32x3"])
 def test_gpu_inverse_precision(monkeypatch, precision):
   """prep's triangular inverse on the matrix units (16-bit compute dtypes only): the Triton lowering accepts the

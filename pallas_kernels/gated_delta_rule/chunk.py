@@ -22,7 +22,7 @@ import jax
 import jax.numpy as jnp
 
 from .. import _compat
-from . import xla
+from . import qk_norm, xla
 from .naive import l2norm, reset_mask
 
 BACKENDS = ("auto", "xla", "pallas_tpu", "pallas_gpu")
@@ -199,11 +199,10 @@ def _run_native(backend, q, k, v, g, beta, scale, initial_state, use_qk_l2norm, 
   B, T, H, K = q.shape
   V = v.shape[-1]
   Tp = -(-T // C) * C
-  if not getattr(_impl(backend), "KERNEL_L2NORM", True):
-    cdt = q.dtype
-    if use_qk_l2norm:
-      q, k = l2norm(q), l2norm(k)
-    q, k = (q.astype(jnp.float32) * scale).astype(cdt), k.astype(cdt)
+  impl = _impl(backend)
+  if not getattr(impl, "KERNEL_L2NORM", True):
+    q, k = (qk_norm.normalise if getattr(impl, "QK_NORM_KERNEL", False) else qk_norm.reference)(
+        q, k, scale, use_qk_l2norm)
     scale, use_qk_l2norm = None, False
   # Padding tokens (only when T % C != 0) have q = k = v = 0, g = 0, beta = 0: they leave the state untouched.
   pad = lambda x: x if Tp == T else jnp.pad(x, ((0, 0), (0, Tp - T)) + ((0, 0),) * (x.ndim - 2))
