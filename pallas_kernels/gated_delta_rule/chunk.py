@@ -23,7 +23,7 @@ import jax.numpy as jnp
 
 from .. import _compat
 from . import qk_norm, xla
-from .naive import l2norm, reset_mask
+from .naive import reset_mask
 
 BACKENDS = ("auto", "xla", "pallas_tpu", "pallas_gpu")
 
@@ -124,10 +124,7 @@ def _prepare(q, k, v, g, beta, scale, initial_state, use_qk_l2norm, segment_ids,
   cdt = q.dtype
   Tp = -(-T // C) * C
   pad = Tp - T
-  if use_qk_l2norm:
-    q, k = l2norm(q), l2norm(k)
-  q = (q.astype(jnp.float32) * scale).astype(cdt)
-  k = k.astype(cdt)
+  q, k = qk_norm.reference(q, k, scale, use_qk_l2norm)
 
   def heads_first(x):  # [B,T,H,*] -> [B*H, Tp, *]
     x = jnp.pad(x, ((0, 0), (0, pad)) + ((0, 0),) * (x.ndim - 2))
