@@ -8,7 +8,8 @@ directly, which is more accurate than a reverse cumulative sum of the gradient w
 On GPU, "pallas_gpu" runs version 3 of the kernels: the backward's serial passes also store V' and dV', read by a
 split chunk-parallel gradient kernel (`pallas_gpu.SPLIT_GRADS`), and with `pallas_gpu.NATIVE_LAYOUT` (the default)
 the kernels read q, k, v and write O and all input gradients in the caller's [B, T, H, *] layout (`_run_native`):
-XLA only normalises and scales q and k there, elementwise (`KERNEL_L2NORM` moves that into the kernels too). With
+q and k are normalised and scaled there first, by one Triton kernel (`qk_norm`; `KERNEL_L2NORM` moves that into
+the chunk kernels instead). With
 NATIVE_LAYOUT off, `_prepare` transposes to the heads-first layout the other backends use. Flags off select
 version 2 or 1 (`FUSED_PREP`).
 """
@@ -192,7 +193,7 @@ _core_native.defvjp(_core_native_fwd, _core_native_bwd)
 
 def _run_native(backend, q, k, v, g, beta, scale, initial_state, use_qk_l2norm, segment_ids, C):
   """q, k, v, O and the input gradients stay in [B, T, H, *]; the kernels transpose, and normalise and scale q/k
-  unless `KERNEL_L2NORM` is off (then XLA does, elementwise in this layout, and JAX differentiates it)."""
+  unless `KERNEL_L2NORM` is off (then `qk_norm` does, in this layout, and JAX differentiates it)."""
   B, T, H, K = q.shape
   V = v.shape[-1]
   Tp = -(-T // C) * C
