@@ -163,6 +163,54 @@ def test_gpu_native_layout(monkeypatch, kernel_norm):
   assert calls and all(v.aval.dtype == jnp.bfloat16 for e in calls for v in e.invars[:2])
 
 
+@pytest.mark.parametrize("kernel_gates,grad_gates,resets,init", [
+    (True, "xla_gam", False, False), (True, "xla_gam", True, False), (True, "xla_gam", False, True),
+    (True, "kernel", False, False), (True, "kernel", True, True), (True, "xla", False, False),
+    (False, "xla", False, False), (False, "xla", True, True)])
+def test_gpu_kernel_gates(monkeypatch, kernel_gates, grad_gates, resets, init):
+  """The within-chunk cumsum of g inside the kernels (or XLA's; for the gradient kernel `GRAD_GATES`), and the
+  kernels' stand-ins for absent segment ids (m = 1, seg = 0) and a zero initial state; T not a multiple of the
+  chunk, bf16 beta."""
+  from pallas_kernels.gated_delta_rule import pallas_gpu
+  monkeypatch.setattr(pallas_gpu, "KERNEL_GATES", kernel_gates)
+  monkeypatch.setattr(pallas_gpu, "GRAD_GATES", grad_gates)
+  monkeypatch.setattr(pallas_gpu, "KERNEL_ZERO_STATE", grad_gates == "kernel")  # both ways of a zero state
+  x = make_inputs(10, 1, 100, 2, 16, 16, resets=resets, init=init)
+  check_forward("pallas_gpu", x, 1e-5)
+  check_grads("pallas_gpu", x)
+  xb = make_inputs(10, 1, 100, 2, 16, 16, resets=resets, init=init, dtype=jnp.bfloat16)
+  check_forward("pallas_gpu", xb, 2e-2)
+  # with the kernels forming the gate columns, the forward's only XLA work on g is its padding
+  f = lambda *a: run(chunk_gated_delta_rule, dict(xb, **dict(zip("qkv", a))), backend="pallas_gpu")[0]
+  jaxpr = str(jax.make_jaxpr(f)(xb["q"], xb["k"], xb["v"]))
+  assert ("cumsum" in jaxpr) == (not kernel_gates or resets)
+
+
+@pytest.mark.parametrize("diag", ["doubling", "substitution"])
+def test_gpu_diag_inverse(monkeypatch, diag):
+  """Both ways of inverting prep's [16 x 16] diagonal tiles, in float32 (exact products) and bf16 (TF32 products),
+  with strongly correlated keys (I + L far from the identity)."""
+  from pallas_kernels.gated_delta_rule import pallas_gpu
+  monkeypatch.setattr(pallas_gpu, "DIAG_INVERSE", diag)
+  x = make_inputs(11, 1, 130, 2, 32, 16)
+  x["k"] = x["k"] + 3.0 * jax.random.normal(jax.random.PRNGKey(12), (1, 1, 2, 32))
+  check_forward("pallas_gpu", x, 1e-5)
+  check_grads("pallas_gpu", x)
+  xb = {n: (a.astype(jnp.bfloat16) if n in "qkv" else a) for n, a in x.items()}
+  check_forward("pallas_gpu", xb, 2e-2)
+
+
+def test_diag_inverse_doubling():
+  """The inverses of a unit lower-triangular matrix against numpy, sizes 2 to 64, entries up to 1."""
+  from pallas_kernels.gated_delta_rule import chunk_math as cm
+  for n in (2, 4, 16, 64):
+    L = jnp.tril(jax.random.uniform(jax.random.PRNGKey(n), (n, n), minval=-1.0, maxval=1.0), -1)
+    want = np.linalg.inv(np.eye(n) + np.asarray(L, np.float64))
+    assert rel(cm.unit_lower_inverse_doubling(L), want) <= 1e-5
+    if n % cm.SUB == 0:  # forward substitution works on SUB-row blocks
+      assert rel(cm.unit_lower_inverse(L), want) <= 1e-5
+
+
 GPU_OLD = {"version1": dict(FUSED_PREP=False), "version2": dict(SPLIT_GRADS=False),
            "version3_xla_layout": dict(NATIVE_LAYOUT=False),
            "version3_kernel_l2norm": dict(NATIVE_LAYOUT=True, KERNEL_L2NORM=True)}
@@ -248,15 +296,16 @@ def test_no_silent_fallback(backend):
   assert bwd.count("pallas_call") >= fwd.count("pallas_call") + 3
 
 
-def lowered(backend, platform, H):
+def lowered(backend, platform, H, segments=True):
   """Texts of the forward and backward lowered for ``platform`` at InfiniteVL's head dims (B=1, T=128, K=128,
-  V=256, bf16), outside interpret mode."""
+  V=256, bf16), outside interpret mode; with or without segment ids."""
   from pallas_kernels import _compat
   B, T, K, V = 1, 128, 128, 256
   sd = jax.ShapeDtypeStruct
   args = (sd((B, T, H, K), jnp.bfloat16), sd((B, T, H, K), jnp.bfloat16), sd((B, T, H, V), jnp.bfloat16),
           sd((B, T, H), jnp.float32), sd((B, T, H), jnp.bfloat16))
-  f = lambda *a: chunk_gated_delta_rule(*a, segment_ids=jnp.zeros((B, T), jnp.int32), backend=backend)[0]
+  seg = jnp.zeros((B, T), jnp.int32) if segments else None
+  f = lambda *a: chunk_gated_delta_rule(*a, segment_ids=seg, backend=backend)[0]
   loss = lambda *a: jnp.sum(f(*a).astype(jnp.float32) ** 2)
   with _compat.compiled():
     return tuple(jax.jit(fn).trace(*args).lower(lowering_platforms=(platform,)).as_text()
@@ -275,6 +324,16 @@ def test_gpu_lowering():
   fwd, bwd = lowered("pallas_gpu", "cuda", H=4)
   assert fwd.count("xla.gpu.triton") >= 2 and "gdn_prep" in fwd
   assert bwd.count("xla.gpu.triton") >= fwd.count("xla.gpu.triton") + 3 and "gdn_grads_v3" in bwd
+
+
+@pytest.mark.parametrize("diag", ["doubling", "substitution"])
+def test_gpu_lowering_without_segments(monkeypatch, diag):
+  """Without segment ids or an initial state the kernels read no gate arrays but g and beta (KERNEL_GATES): that
+  path lowers too, with either inverse of the diagonal tiles."""
+  from pallas_kernels.gated_delta_rule import pallas_gpu
+  monkeypatch.setattr(pallas_gpu, "DIAG_INVERSE", diag)
+  fwd, bwd = lowered("pallas_gpu", "cuda", H=2, segments=False)
+  assert "gdn_prep" in fwd and "gdn_grads_v3" in bwd
 
 
 # The serial passes' other column width (BV = 64, the default before BV = 32), with resets placed inside chunks and

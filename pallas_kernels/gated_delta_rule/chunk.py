@@ -169,10 +169,20 @@ def _cumsum_bthd(g, C):
   return jnp.cumsum(g.reshape(B, Tp // C, C, H), axis=2).reshape(B, Tp, H, 1)
 
 
+def _kernel_gates(impl):
+  return getattr(impl, "KERNEL_GATES", False)
+
+
+def _gam_args(impl, g, C):
+  """The gate argument of the native kernels: g itself when they sum it (`KERNEL_GATES`), else XLA's cumsum."""
+  return (g, dict(cumsum=True)) if _kernel_gates(impl) else (_cumsum_bthd(g, C), {})
+
+
 @functools.partial(jax.custom_vjp, nondiff_argnums=(0, 1, 2, 3))
 def _core_native(backend, C, scale, l2norm, q, k, v, g, beta, h0, m, seg):
-  return _impl(backend).forward_native(q, k, v, _cumsum_bthd(g, C), beta, m, seg, h0, chunk_size=C, scale=scale,
-                                       l2norm=l2norm)
+  impl = _impl(backend)
+  gam, kw = _gam_args(impl, g, C)
+  return impl.forward_native(q, k, v, gam, beta, m, seg, h0, chunk_size=C, scale=scale, l2norm=l2norm, **kw)
 
 
 def _core_native_fwd(backend, C, scale, l2norm, q, k, v, g, beta, h0, m, seg):
@@ -182,10 +192,12 @@ def _core_native_fwd(backend, C, scale, l2norm, q, k, v, g, beta, h0, m, seg):
 def _core_native_bwd(backend, C, scale, l2norm, res, cts):
   q, k, v, g, beta, h0, m, seg = res
   do, dhT = cts
-  dq, dk, dv, dbeta, dg, dh0 = _impl(backend).backward_native(
-      q, k, v, _cumsum_bthd(g, C), beta, m, seg, h0, do, dhT.astype(jnp.float32), chunk_size=C, scale=scale,
-      l2norm=l2norm)
-  return dq, dk, dv, dg, dbeta, dh0, jnp.zeros_like(m), jnp.zeros_like(seg)
+  impl = _impl(backend)
+  gam, kw = _gam_args(impl, g, C)
+  dq, dk, dv, dbeta, dg, dh0 = impl.backward_native(
+      q, k, v, gam, beta, m, seg, h0, do, dhT.astype(jnp.float32), chunk_size=C, scale=scale, l2norm=l2norm, **kw)
+  zero = lambda x: None if x is None else jnp.zeros_like(x)
+  return (dq, dk, dv, dg, dbeta.astype(beta.dtype), None if h0 is None else dh0, zero(m), zero(seg))
 
 
 _core_native.defvjp(_core_native_fwd, _core_native_bwd)
@@ -204,10 +216,15 @@ def _run_native(backend, q, k, v, g, beta, scale, initial_state, use_qk_l2norm, 
     scale, use_qk_l2norm = None, False
   # Padding tokens (only when T % C != 0) have q = k = v = 0, g = 0, beta = 0: they leave the state untouched.
   pad = lambda x: x if Tp == T else jnp.pad(x, ((0, 0), (0, Tp - T)) + ((0, 0),) * (x.ndim - 2))
-  m, seg = _segments(segment_ids, B, T, C)
+  # With KERNEL_GATES the kernels take beta in its own dtype and stand in for absent resets (with
+  # KERNEL_ZERO_STATE also for an absent initial state).
+  lean = _kernel_gates(impl)
+  m, seg = (None, None) if lean and segment_ids is None else _segments(segment_ids, B, T, C)
+  h0 = (None if lean and initial_state is None and getattr(impl, "KERNEL_ZERO_STATE", False)
+        else _h0(initial_state, B, H, K, V))
+  beta = beta if lean else beta.astype(jnp.float32)
   o, hT = _core_native(backend, C, None if scale is None else float(scale), bool(use_qk_l2norm), pad(q), pad(k), pad(v),
-                       pad(g.astype(jnp.float32))[..., None], pad(beta.astype(jnp.float32))[..., None],
-                       _h0(initial_state, B, H, K, V), m, seg)
+                       pad(g.astype(jnp.float32))[..., None], pad(beta)[..., None], h0, m, seg)
   return (o if Tp == T else o[:, :T]), hT
 
 

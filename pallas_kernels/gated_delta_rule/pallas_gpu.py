@@ -53,6 +53,9 @@ PREP_WARPS = 4  # num_warps of the chunk-parallel prep kernels (2 and 8: 2.1x an
 # "tf32" is the default: the forward 2.50 -> 2.26 ms at T=32768 on an H100 (run 10) with errors against the float32
 # recurrence unchanged to 1%; "tf32x3" was slower than "ieee" (registers).
 INVERSE_PRECISION = "tf32"
+# How prep inverts the four [16 x 16] diagonal tiles of (I + L): "substitution" (15 dependent products each) or
+# "doubling" (`chunk_math.unit_lower_inverse_doubling`: 6 dependent products each).
+DIAG_INVERSE = "doubling"
 
 
 def _inverse_precision(dtype):
@@ -79,7 +82,7 @@ def _run_chunk_prep(out_refs, n_rows, load_rows, dtype):
     else:
       ref[rows(b), :] = x.astype(ref.dtype)
 
-  cm.chunk_prep(lambda name, b: load_rows(name, rows(b)), store, n_rows, _inverse_precision(dtype))
+  cm.chunk_prep(lambda name, b: load_rows(name, rows(b)), store, n_rows, _inverse_precision(dtype), DIAG_INVERSE)
 
 
 def _prep_kernel(q_ref, k_ref, v_ref, gam_ref, beta_ref, m_ref, seg_ref, *out_refs):
@@ -283,6 +286,17 @@ KERNEL_L2NORM = False
 # QK_NORM_KERNEL (with NATIVE_LAYOUT and KERNEL_L2NORM off): that elementwise pass is one Triton kernel for q and k
 # (`qk_norm.py`; its VJP stays XLA's) instead of XLA's fusions.
 QK_NORM_KERNEL = True
+# KERNEL_GATES (native path): prep forms the within-chunk cumulative sum of g itself, beta is read in its own dtype,
+# and without segment ids the kernels use m = 1, seg = 0 instead of reading arrays, so the forward launches no XLA
+# kernels on the gates. False: XLA forms gam, m, seg and a float32 beta (run 12's path).
+KERNEL_GATES = True
+# With KERNEL_GATES, what the gradient kernel reads (it has no registers to spare): "xla_gam" (XLA's within-chunk
+# cumsum of g; m = 1, seg = 0 without resets), "kernel" (sums g itself: 13% slower, run 14) or "xla" (XLA's cumsum,
+# and m, seg arrays even without resets).
+GRAD_GATES = "xla_gam"
+# KERNEL_ZERO_STATE (with KERNEL_GATES): without an initial state the serial passes start from a zero constant rather
+# than reading a zeroed array (the forward state pass alone: 0.294 against 0.261 ms at T=8192, run 14).
+KERNEL_ZERO_STATE = False
 GRAD_BK = 64  # key columns per block of the version-3 gradient kernel
 GRAD_BV = 64  # value columns per block of the version-3 gradient kernel
 GRAD_LOOP = True  # value blocks of the gradient kernel in a fori_loop (True) or unrolled
@@ -290,8 +304,9 @@ GRAD_WARPS = 8  # num_warps of the version-3 gradient kernel
 GRAD_STAGES = 1  # num_stages of the version-3 gradient kernel
 
 
-def _forward_v3_kernel(qe_ref, kf_ref, w_ref, u_ref, p_ref, gl_ref, h0_ref, *outs, C, NT, need_o, store):
-  outs = list(outs)
+def _forward_v3_kernel(qe_ref, kf_ref, w_ref, u_ref, p_ref, gl_ref, *refs, C, NT, need_o, store, has_h0):
+  h0_ref = refs[0] if has_h0 else None
+  outs = list(refs[1:] if has_h0 else refs)
   o_ref = outs.pop(0) if need_o else None
   hT_ref = outs.pop(0)
   h_ref, vn_ref = outs if store else (None, None)
@@ -308,7 +323,8 @@ def _forward_v3_kernel(qe_ref, kf_ref, w_ref, u_ref, p_ref, gl_ref, h0_ref, *out
       vn_ref[sl, :] = vn.astype(vn_ref.dtype)
     return S1
 
-  hT_ref[...] = jax.lax.fori_loop(0, NT, body, h0_ref[...].astype(jnp.float32))
+  S0 = h0_ref[...].astype(jnp.float32) if has_h0 else jnp.zeros(hT_ref.shape, jnp.float32)
+  hT_ref[...] = jax.lax.fori_loop(0, NT, body, S0)
 
 
 def _serial_specs(H, Tp, K, bv):
@@ -323,7 +339,8 @@ def _serial_specs(H, Tp, K, bv):
 
 def forward_v3(pre, h0, *, heads, chunk_size, need_o=True, store=False, o_dtype=None):
   """Sequential state pass over `prep`'s outputs ([B*H, Tp, *]): (o [B, Tp, H, V] | None, hT [B*H, K, V] f32,
-  h [B*H, NT, K, V] | None, V' [B*H, Tp, V] | None); `store` writes the states and V' (compute dtype)."""
+  h [B*H, NT, K, V] | None, V' [B*H, Tp, V] | None); `store` writes the states and V' (compute dtype).
+  h0 [B*H, K, V] float32, or None for a zero initial state."""
   qe, kf, w, u, p, gl = (pre[n] for n in ("qe", "kf", "w", "u", "p", "gl"))
   N, Tp, K = w.shape
   V = u.shape[-1]
@@ -341,13 +358,14 @@ def forward_v3(pre, h0, *, heads, chunk_size, need_o=True, store=False, o_dtype=
   if store:
     out_specs += [pl.BlockSpec((None, NT, K, bv), lambda b, hh, j: (nh(b, hh), 0, 0, j)), cols]
     out_shape += [sds((N, NT, K, V), w.dtype), sds((N, Tp, V), w.dtype)]
+  has_h0 = h0 is not None
   out = list(pl.pallas_call(
-      functools.partial(_forward_v3_kernel, C=C, NT=NT, need_o=need_o, store=store), grid=(B, H, V // bv),
-      in_specs=[full(K), full(K), full(K), cols, full(C), full(1), st],
+      functools.partial(_forward_v3_kernel, C=C, NT=NT, need_o=need_o, store=store, has_h0=has_h0),
+      grid=(B, H, V // bv), in_specs=[full(K), full(K), full(K), cols, full(C), full(1)] + [st] * has_h0,
       out_specs=out_specs, out_shape=out_shape,
       compiler_params=_compat.triton_params(num_warps=SERIAL_WARPS, num_stages=SERIAL_STAGES),
       interpret=_compat.gpu_interpret(), name="gdn_fwd_state_v3",
-  )(qe, kf, w, u, p, gl, h0))
+  )(qe, kf, w, u, p, gl, *([h0] if has_h0 else [])))
   o = out.pop(0) if need_o else None
   hT = out.pop(0)
   h, vn = out if store else (None, None)
@@ -411,8 +429,27 @@ def _normalise(x, rho, scale):
   return x if scale is None else x * scale
 
 
-def _grads_v3_kernel(q_ref, k_ref, v_ref, do_ref, gam_ref, beta_ref, m_ref, seg_ref, a_ref, vn_ref, dvn_ref, h_ref,
-                     dh_ref, dq_ref, dk_ref, dv_ref, dbeta_ref, dg_ref, *, bk, bv, raw, scale, l2norm):
+def _gate_loader(g_ref, m_ref, seg_ref, cumsum):
+  """load(name, rows) of one chunk's float32 [rows, 1] gate columns "gam", "m" and "seg" (rows: slice(None) or a
+  `pl.ds`): gam read as stored, or with `cumsum` summed here from the per-token g; m = 1 and seg = 0 where the
+  refs are None (no segment ids)."""
+  C = g_ref.shape[0]
+  grow = cm.col_to_row(g_ref[...].astype(jnp.float32)) if cumsum else None
+
+  def load(name, r):
+    n = C if isinstance(r, slice) else r.size
+    if name == "gam":
+      return cm.prefix_rows(grow, 0 if isinstance(r, slice) else r.start, n) if cumsum else g_ref[r, :]
+    ref = m_ref if name == "m" else seg_ref
+    return jnp.full((n, 1), 1.0 if name == "m" else 0.0, jnp.float32) if ref is None else ref[r, :]
+  return load
+
+
+def _grads_v3_kernel(q_ref, k_ref, v_ref, do_ref, g_ref, beta_ref, *refs, bk, bv, raw, scale, l2norm, cumsum,
+                     has_seg):
+  m_ref, seg_ref = refs[:2] if has_seg else (None, None)
+  a_ref, vn_ref, dvn_ref, h_ref, dh_ref, dq_ref, dk_ref, dv_ref, dbeta_ref, dg_ref = refs[2:] if has_seg else refs
+  gate = _gate_loader(g_ref, m_ref, seg_ref, cumsum)
   cdt = a_ref.dtype
   f32 = jnp.float32
   nk, nv = q_ref.shape[-1] // bk, v_ref.shape[-1] // bv
@@ -457,8 +494,9 @@ def _grads_v3_kernel(q_ref, k_ref, v_ref, do_ref, gam_ref, beta_ref, m_ref, seg_
     dq_ref[:, kc(kb)] = dq.astype(dq_ref.dtype)
     dk_ref[:, kc(kb)] = dk.astype(dk_ref.dtype)
 
-  dbeta, dg = cm.chunk_backward_split(a_ref[...], gam_ref[...].astype(f32), beta_ref[...].astype(f32),
-                                      m_ref[...], seg_ref[...], load, load_state, load_qk, store_dv, store_dqk,
+  whole = slice(None)
+  dbeta, dg = cm.chunk_backward_split(a_ref[...], gate("gam", whole), beta_ref[...].astype(f32), gate("m", whole),
+                                      gate("seg", whole), load, load_state, load_qk, store_dv, store_dqk,
                                       nk, nv, bk, loop=GRAD_LOOP)
   dbeta_ref[...] = dbeta
   dg_ref[...] = dg
@@ -469,10 +507,12 @@ def _grads_v3_kernel(q_ref, k_ref, v_ref, do_ref, gam_ref, beta_ref, m_ref, seg_
     dk_ref[:, kc(kb)] = (rk * (dk.astype(f32) - (rk * rk * tk) * k)).astype(dk_ref.dtype)
 
 
-def grads_v3(a, q, k, v, gam, beta, m, seg, h, dh, vn, dvn, do, *, chunk_size, raw=False, scale=None, l2norm=True):
+def grads_v3(a, q, k, v, gam, beta, m, seg, h, dh, vn, dvn, do, *, chunk_size, raw=False, scale=None, l2norm=True,
+             cumsum=False):
   """Chunk-parallel gradient kernel of version 3, grid (B, H, chunks).
 
-  Per-token inputs in the [B, Tp, H, *] layout: q, k, v, do, gam, beta ([..., 1]); m, seg [B, Tp, 1] float32.
+  Per-token inputs in the [B, Tp, H, *] layout: q, k, v, do, gam, beta ([..., 1]); m, seg [B, Tp, 1] float32 or
+  both None (no resets). gam is the within-chunk cumulative log-decay, or with `cumsum` the per-token g.
   q and k are normalised and scaled already, or with `raw` as the caller gave them (normalised with `l2norm`, q
   scaled by `scale`, and the gradients taken through that here). From the other stages ([B*H, ...]): a (`prep`),
   h and V' (states-only pass), dh and dV' (reverse pass). Returns dq, dk [B, Tp, H, K] (q.dtype), dv [B, Tp, H, V]
@@ -489,16 +529,19 @@ def grads_v3(a, q, k, v, gam, beta, m, seg, h, dh, vn, dvn, do, *, chunk_size, r
   st = pl.BlockSpec((None, None, K, V), lambda b, hh, c: (nh(b, hh), c, 0, 0))
   sds = jax.ShapeDtypeStruct
   f32 = jnp.float32
+  has_seg = m is not None
   return pl.pallas_call(
-      functools.partial(_grads_v3_kernel, bk=bk, bv=bv, raw=raw, scale=scale, l2norm=l2norm), grid=(B, H, Tp // C),
-      in_specs=[tok(K), tok(K), tok(V), tok(V), tok(1), tok(1), bcol, bcol, inter(C), inter(V), inter(V), st, st],
+      functools.partial(_grads_v3_kernel, bk=bk, bv=bv, raw=raw, scale=scale, l2norm=l2norm, cumsum=cumsum,
+                        has_seg=has_seg), grid=(B, H, Tp // C),
+      in_specs=[tok(K), tok(K), tok(V), tok(V), tok(1), tok(1)] + [bcol, bcol] * has_seg
+      + [inter(C), inter(V), inter(V), st, st],
       out_specs=[tok(K), tok(K), tok(V), tok(1), tok(1)],
       out_shape=[sds(q.shape, q.dtype), sds(k.shape, k.dtype), sds(v.shape, v.dtype), sds((B, Tp, H, 1), f32),
                  sds((B, Tp, H, 1), f32)],
       compiler_params=_compat.triton_params(num_warps=GRAD_WARPS, num_stages=GRAD_STAGES),
       interpret=_compat.gpu_interpret(),
       name="gdn_grads_v3",
-  )(q, k, v, do, gam, beta, m, seg, a, vn, dvn, h, dh)
+  )(q, k, v, do, gam, beta, *((m, seg) if has_seg else ()), a, vn, dvn, h, dh)
 
 
 def backward_split(q, k, v, gam, beta, m, seg, h0, do, dhT, *, chunk_size):
@@ -514,11 +557,16 @@ def backward_split(q, k, v, gam, beta, m, seg, h0, do, dhT, *, chunk_size):
   return tuple(x[:, :, 0, :] for x in out) + (dh0,)
 
 
-def _prep_v3_kernel(q_ref, k_ref, v_ref, gam_ref, beta_ref, m_ref, seg_ref, *out_refs, scale, l2norm):
-  ins = dict(q=q_ref, k=k_ref, v=v_ref, gam=gam_ref, beta=beta_ref, m=m_ref, seg=seg_ref)
+def _prep_v3_kernel(q_ref, k_ref, v_ref, g_ref, beta_ref, *refs, scale, l2norm, cumsum, has_seg):
+  m_ref, seg_ref = refs[:2] if has_seg else (None, None)
+  out_refs = refs[2:] if has_seg else refs
+  ins = dict(q=q_ref, k=k_ref, v=v_ref, beta=beta_ref)
+  gate = _gate_loader(g_ref, m_ref, seg_ref, cumsum)
   cdt = out_refs[PREP_NAMES.index("w")].dtype
 
   def load(name, r):
+    if name in ("gam", "m", "seg"):
+      return gate(name, r)
     x = ins[name][r, :]
     if name in ("q", "k"):  # raw rows -> normalised (and, for q, scaled) in the compute dtype
       if not l2norm and (scale is None or name == "k"):
@@ -531,10 +579,11 @@ def _prep_v3_kernel(q_ref, k_ref, v_ref, gam_ref, beta_ref, m_ref, seg_ref, *out
   _run_chunk_prep(out_refs, q_ref.shape[0], load, cdt)
 
 
-def prep_v3(q, k, v, gam, beta, m, seg, *, chunk_size, scale, l2norm):
+def prep_v3(q, k, v, gam, beta, m, seg, *, chunk_size, scale, l2norm, cumsum=False):
   """`prep` on the caller's layout: q, k [B, Tp, H, K] and v [B, Tp, H, V] raw (any float dtype; the compute dtype
-  is q's), gam, beta [B, Tp, H, 1], m, seg [B, Tp, 1]; q/k rows are L2-normalised (`l2norm`) and q scaled here.
-  Returns the dict of `prep` ([B*H, Tp, *])."""
+  is q's), gam (float32) and beta (any float dtype) [B, Tp, H, 1], m, seg [B, Tp, 1] float32 or both None (no
+  resets); q/k rows are L2-normalised (`l2norm`) and q scaled here. gam is the within-chunk cumulative log-decay,
+  or with `cumsum` the per-token g. Returns the dict of `prep` ([B*H, Tp, *])."""
   B, Tp, H, K = q.shape
   V = v.shape[-1]
   C = chunk_size
@@ -544,31 +593,39 @@ def prep_v3(q, k, v, gam, beta, m, seg, *, chunk_size, scale, l2norm):
   dims = dict(w=K, u=V, a=C, p=C, qe=K, kf=K, gl=1)
   out_spec = lambda d: pl.BlockSpec((None, C, d), lambda b, hh, c: (b * H + hh, c, 0))
   sds = lambda n: jax.ShapeDtypeStruct((N, Tp, dims[n]), jnp.float32 if n == "gl" else q.dtype)
+  has_seg = m is not None
   out = pl.pallas_call(
-      functools.partial(_prep_v3_kernel, scale=scale, l2norm=l2norm), grid=(B, H, Tp // C),
-      in_specs=[tok(K), tok(K), tok(V), tok(1), tok(1), bcol, bcol],
+      functools.partial(_prep_v3_kernel, scale=scale, l2norm=l2norm, cumsum=cumsum, has_seg=has_seg),
+      grid=(B, H, Tp // C), in_specs=[tok(K), tok(K), tok(V), tok(1), tok(1)] + [bcol, bcol] * has_seg,
       out_specs=[out_spec(dims[n]) for n in PREP_NAMES], out_shape=[sds(n) for n in PREP_NAMES],
       compiler_params=_compat.triton_params(num_warps=PREP_WARPS, num_stages=2), interpret=_compat.gpu_interpret(),
       name="gdn_prep_v3",
-  )(q, k, v, gam, beta, m, seg)
+  )(q, k, v, gam, beta, *((m, seg) if has_seg else ()))
   return dict(zip(PREP_NAMES, out))
 
 
-def forward_native(q, k, v, gam, beta, m, seg, h0, *, chunk_size, scale, l2norm):
-  """Forward on the caller's layout (see `prep_v3`; h0 [B*H, K, V] float32): o [B, Tp, H, V] (v.dtype), hT."""
-  pre = prep_v3(q, k, v, gam, beta, m, seg, chunk_size=chunk_size, scale=scale, l2norm=l2norm)
+def forward_native(q, k, v, gam, beta, m, seg, h0, *, chunk_size, scale, l2norm, cumsum=False):
+  """Forward on the caller's layout (see `prep_v3`; h0 [B*H, K, V] float32 or None): o [B, Tp, H, V] (v.dtype),
+  hT."""
+  pre = prep_v3(q, k, v, gam, beta, m, seg, chunk_size=chunk_size, scale=scale, l2norm=l2norm, cumsum=cumsum)
   o, hT, _, _ = forward_v3(pre, h0, heads=q.shape[2], need_o=True, o_dtype=v.dtype, chunk_size=chunk_size)
   return o, hT
 
 
-def backward_native(q, k, v, gam, beta, m, seg, h0, do, dhT, *, chunk_size, scale, l2norm):
+def backward_native(q, k, v, gam, beta, m, seg, h0, do, dhT, *, chunk_size, scale, l2norm, cumsum=False):
   """Backward of `forward_native` (do [B, Tp, H, V], dhT [B*H, K, V]): dq, dk, dv in the caller's layout and
   dtypes (through the L2 norm and the scale), dbeta, dg [B, Tp, H, 1] float32, dh0 [B*H, K, V]. q and k as given
   to `forward_native`: raw when `l2norm` or `scale` is set, else already normalised and scaled."""
   C = chunk_size
-  pre = prep_v3(q, k, v, gam, beta, m, seg, chunk_size=C, scale=scale, l2norm=l2norm)
+  pre = prep_v3(q, k, v, gam, beta, m, seg, chunk_size=C, scale=scale, l2norm=l2norm, cumsum=cumsum)
   _, _, h, vn = forward_v3(pre, h0, heads=q.shape[2], need_o=False, store=True, chunk_size=C)
   dh, dh0, dvn = backward_state_v3(pre, do, dhT, chunk_size=C)
+  if cumsum and GRAD_GATES != "kernel":
+    B, Tp, H, _ = gam.shape
+    gam = jnp.cumsum(gam.reshape(B, Tp // C, C, H), axis=2).reshape(B, Tp, H, 1)
+    cumsum = False
+    if m is None and GRAD_GATES == "xla":
+      m, seg = jnp.ones((B, Tp, 1), jnp.float32), jnp.zeros((B, Tp, 1), jnp.float32)
   out = grads_v3(pre["a"], q, k, v, gam, beta, m, seg, h, dh, vn, dvn, do, chunk_size=C,
-                 raw=l2norm or scale is not None, scale=scale, l2norm=l2norm)
+                 raw=l2norm or scale is not None, scale=scale, l2norm=l2norm, cumsum=cumsum)
   return out + (dh0,)
