@@ -5,9 +5,13 @@ One device call (fla 0.4.0 wheels carried in .wheels/, see PERFORMANCE.md):
   (--long '' skips T=131072, --no-fla skips fla, --xla adds our XLA backend; --smoke: tiny shapes on CPU, interpret
   mode, no fla: checks that the script runs end to end.)
 Order: correctness (bf16, T=2000, every A/B config vs the fp32 recurrence), then the A/B of the Pallas GPU versions
-(`pallas_gpu` flags, CONFIGS: v3 = the default (caller's layout, q/k normalised by one Triton kernel, serial passes
-with 3 Triton stages, prep's inverse in TF32), v3_xla_qk_norm = q/k normalised by XLA, v3_ieee / v3_tf32x3 /
-v3_prep_w8 / v3_xla_layout / v3_kernel_norm / v3_serial_s2 / v2 / v3_bv64 = earlier defaults and candidates;
+(`pallas_gpu` flags, CONFIGS: v3 = the default (caller's layout, q/k normalised by one Triton kernel, gate columns
+formed inside prep, diagonal tiles of the inverse by doubling, serial passes with 3 Triton stages, prep's inverse in
+TF32), v3_xla_gates / v3_subst / v3_run12 = without the first, the second or both (run 12's default),
+v3_grad_kernel / v3_grad_xla = the gradient kernel's gate columns summed inside it / with m, seg arrays,
+v3_zero_state = no zeroed initial-state array,
+v3_xla_qk_norm / v3_ieee / v3_tf32x3 / v3_prep_w8 / v3_xla_layout / v3_kernel_norm / v3_serial_s2 / v2 / v3_bv64 =
+earlier defaults and candidates;
 --configs picks, default DEFAULT_AB) forward and forward+backward at each length, then fla, then T=131072 (default
 version), then each kernel stage of the default path (and the candidates) jitted alone at T=8192.
 Shapes: B=1, H=16, K=128, V=256, bf16 operands, fp32 state, q/k L2-norm inside. Times are medians of timed
@@ -48,10 +52,17 @@ REPS, INNER = 5, 10  # bench_jax defaults (--smoke: 1, 1)
 
 # Pallas GPU versions compared in one run (module flags of pallas_gpu, read when a function is traced).
 _V3 = dict(FUSED_PREP=True, SPLIT_GRADS=True, NATIVE_LAYOUT=True, KERNEL_L2NORM=False, QK_NORM_KERNEL=True, BV=32,
-           SERIAL_STAGES=3, INVERSE_PRECISION="tf32", PREP_WARPS=4)
+           SERIAL_STAGES=3, INVERSE_PRECISION="tf32", PREP_WARPS=4, KERNEL_GATES=True, DIAG_INVERSE="doubling",
+           GRAD_GATES="xla_gam", KERNEL_ZERO_STATE=False)
 CONFIGS = {
     "v2": dict(_V3, SPLIT_GRADS=False),
     "v3": dict(_V3),  # the default configuration
+    "v3_xla_gates": dict(_V3, KERNEL_GATES=False),  # gam, m, seg, h0 formed by XLA
+    "v3_grad_kernel": dict(_V3, GRAD_GATES="kernel"),  # the gradient kernel sums g itself (run 13's v3)
+    "v3_grad_xla": dict(_V3, GRAD_GATES="xla"),  # XLA's cumsum and m/seg arrays for the gradient kernel
+    "v3_zero_state": dict(_V3, KERNEL_ZERO_STATE=True),  # no initial state array: the serial passes start from 0
+    "v3_subst": dict(_V3, DIAG_INVERSE="substitution"),  # diagonal tiles by forward substitution
+    "v3_run12": dict(_V3, KERNEL_GATES=False, DIAG_INVERSE="substitution"),  # the default of runs 12 and 13
     "v3_xla_qk_norm": dict(_V3, QK_NORM_KERNEL=False),  # q/k normalised by XLA's fusions: the default until run 12
     "v3_ieee": dict(_V3, INVERSE_PRECISION="ieee"),  # prep's inverse on the FMA units: the default until run 10
     "v3_tf32x3": dict(_V3, INVERSE_PRECISION="tf32x3"),  # three TF32 passes
@@ -61,7 +72,7 @@ CONFIGS = {
     "v3_serial_s2": dict(_V3, SERIAL_STAGES=2),  # serial passes with 2 Triton stages: the default until run 8
     "v3_bv64": dict(_V3, BV=64),  # serial passes in 64-column programs: the default until run 6
 }
-DEFAULT_AB = ("v3", "v3_xla_qk_norm")  # --configs default
+DEFAULT_AB = ("v3", "v3_zero_state")  # --configs default
 FWD_SAME_AS = {"v3_xla_layout": "v2"}  # identical forward kernels: timed once
 
 
@@ -288,27 +299,35 @@ def stage_times(T, out=None, left=lambda: 1e9):
   def v3():
     qr, kr, vr, gr, br = args
     qn, kn = stage("v3_qk_norm", lambda q, k: qk_norm.normalise(q, k, sc, True), qr, kr)
-    stage("v3_qk_norm_xla", lambda q, k: qk_norm.reference(q, k, sc, True), qr, kr)
-    xla_inputs = lambda g, b: ((gdn_chunk._cumsum_bthd(g.astype(jnp.float32)[..., None], C),
-                                b.astype(jnp.float32)[..., None]) + gdn_chunk._segments(None, B, T, C))
-    gam4, beta4, m3, seg3 = stage("v3_xla_inputs", xla_inputs, gr, br)
-    h0 = jnp.zeros((B * H, K, V), jnp.float32)
-    prep_args = (qn, kn, vr, gam4, beta4, m3, seg3)
-    prep = lambda *a: pallas_gpu.prep_v3(*a, chunk_size=C, scale=None, l2norm=False)
+    # the default path (KERNEL_GATES): the kernels take g and beta as given, no resets, no initial state
+    g4, b4 = gr[..., None], br[..., None]
+    prep_args = (qn, kn, vr, g4, b4, None, None)
+    prep = lambda *a: pallas_gpu.prep_v3(*a, chunk_size=C, scale=None, l2norm=False, cumsum=True)
     pre = stage("v3_prep", prep, *prep_args)
-    fwd = lambda p, h: pallas_gpu.forward_v3(p, h, heads=H, need_o=True, o_dtype=vr.dtype, chunk_size=C)[:2]
-    stage("v3_fwd_state", fwd, pre, h0)
-    states = lambda p, h: pallas_gpu.forward_v3(p, h, heads=H, need_o=False, store=True, chunk_size=C)[1:]
-    hT, h, vn = stage("v3_fwd_states_only_store", states, pre, h0)
+    fwd = lambda p: pallas_gpu.forward_v3(p, None, heads=H, need_o=True, o_dtype=vr.dtype, chunk_size=C)[:2]
+    stage("v3_fwd_state", fwd, pre)
+    h0 = jnp.zeros((B * H, K, V), jnp.float32)
+    stage("v3_fwd_state_h0_array", lambda p, h: pallas_gpu.forward_v3(p, h, heads=H, need_o=True, o_dtype=vr.dtype,
+                                                                      chunk_size=C)[:2], pre, h0)
+    states = lambda p: pallas_gpu.forward_v3(p, None, heads=H, need_o=False, store=True, chunk_size=C)[1:]
+    hT, h, vn = stage("v3_fwd_states_only_store", states, pre)
     do = vr
     dh, _, dvn = stage("v3_bwd_state", lambda p, d, s: pallas_gpu.backward_state_v3(p, d, s, chunk_size=C),
                        pre, do, hT)
+    stage("v3_grads_kernel_gates", lambda *x: pallas_gpu.grads_v3(*x, chunk_size=C, cumsum=True),
+          pre["a"], qn, kn, vr, g4, b4, None, None, h, dh, vn, dvn, do)
+    # run 12's inputs: XLA forms the gate columns, prep reads them
+    xla_inputs = lambda g, b: ((gdn_chunk._cumsum_bthd(g.astype(jnp.float32)[..., None], C),
+                                b.astype(jnp.float32)[..., None]) + gdn_chunk._segments(None, B, T, C))
+    gam4, beta4, m3, seg3 = stage("v3_xla_inputs", xla_inputs, gr, br)
     stage("v3_grads", lambda *x: pallas_gpu.grads_v3(*x, chunk_size=C),
-          pre["a"], qn, kn, vr, gam4, beta4, m3, seg3, h, dh, vn, dvn, do)
+          pre["a"], qn, kn, vr, gam4, b4, m3, seg3, h, dh, vn, dvn, do)
+    stage("v3_prep_xla_gates", lambda *a: pallas_gpu.prep_v3(*a, chunk_size=C, scale=None, l2norm=False),
+          qn, kn, vr, gam4, beta4, m3, seg3)
     ctx.update(prep=prep, prep_args=prep_args)
 
   def variants():  # each variant traced afresh (the module constants are read when traced)
-    for name, flags in (("v3_prep_ieee", dict(INVERSE_PRECISION="ieee")),):
+    for name, flags in (("v3_prep_subst", dict(DIAG_INVERSE="substitution")),):
       with gpu_flags(**flags):
         try:
           stage(name, lambda *x: ctx["prep"](*x), *ctx["prep_args"])
