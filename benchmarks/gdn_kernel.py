@@ -43,6 +43,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from pallas_kernels.gated_delta_rule import chunk as gdn_chunk
+from pallas_kernels.gated_delta_rule import chunk_math as cm
 from pallas_kernels.gated_delta_rule import qk_norm
 from pallas_kernels.gated_delta_rule import (chunk_gated_delta_rule, naive_recurrent_gated_delta_rule,
                                              pallas_gpu)
@@ -317,7 +318,7 @@ def stage_times(T, out=None, left=lambda: 1e9):
     stage("v3_grads_kernel_gates", lambda *x: pallas_gpu.grads_v3(*x, chunk_size=C, cumsum=True),
           pre["a"], qn, kn, vr, g4, b4, None, None, h, dh, vn, dvn, do)
     # run 12's inputs: XLA forms the gate columns, prep reads them
-    xla_inputs = lambda g, b: ((gdn_chunk._cumsum_bthd(g.astype(jnp.float32)[..., None], C),
+    xla_inputs = lambda g, b: ((cm.cumsum_bthd(g.astype(jnp.float32)[..., None], C),
                                 b.astype(jnp.float32)[..., None]) + gdn_chunk._segments(None, B, T, C))
     gam4, beta4, m3, seg3 = stage("v3_xla_inputs", xla_inputs, gr, br)
     stage("v3_grads", lambda *x: pallas_gpu.grads_v3(*x, chunk_size=C),

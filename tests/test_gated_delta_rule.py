@@ -164,9 +164,11 @@ def test_gpu_native_layout(monkeypatch, kernel_norm):
 
 
 @pytest.mark.parametrize("kernel_gates,grad_gates,resets,init", [
-    (True, "xla_gam", False, False), (True, "xla_gam", True, False), (True, "xla_gam", False, True),
-    (True, "kernel", False, False), (True, "kernel", True, True), (True, "xla", False, False),
-    (False, "xla", False, False), (False, "xla", True, True)])
+    (True, "xla_gam", False, False), (True, "xla_gam", True, False),
+    pytest.param(True, "xla_gam", False, True, marks=pytest.mark.slow), (True, "kernel", True, True),
+    pytest.param(True, "kernel", False, False, marks=pytest.mark.slow),
+    pytest.param(True, "xla", False, False, marks=pytest.mark.slow), (False, "xla", False, False),
+    pytest.param(False, "xla", True, True, marks=pytest.mark.slow)])
 def test_gpu_kernel_gates(monkeypatch, kernel_gates, grad_gates, resets, init):
   """The within-chunk cumsum of g inside the kernels (or XLA's; for the gradient kernel `GRAD_GATES`), and the
   kernels' stand-ins for absent segment ids (m = 1, seg = 0) and a zero initial state; T not a multiple of the

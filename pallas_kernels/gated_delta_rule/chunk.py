@@ -23,6 +23,7 @@ import jax
 import jax.numpy as jnp
 
 from .. import _compat
+from . import chunk_math as cm
 from . import qk_norm, xla
 from .naive import reset_mask
 
@@ -163,19 +164,13 @@ def _native(impl):
   return all(getattr(impl, n, False) for n in ("FUSED_PREP", "SPLIT_GRADS", "NATIVE_LAYOUT"))
 
 
-def _cumsum_bthd(g, C):
-  """Within-chunk cumulative sum of g [B, Tp, H, 1]."""
-  B, Tp, H, _ = g.shape
-  return jnp.cumsum(g.reshape(B, Tp // C, C, H), axis=2).reshape(B, Tp, H, 1)
-
-
 def _kernel_gates(impl):
   return getattr(impl, "KERNEL_GATES", False)
 
 
 def _gam_args(impl, g, C):
   """The gate argument of the native kernels: g itself when they sum it (`KERNEL_GATES`), else XLA's cumsum."""
-  return (g, dict(cumsum=True)) if _kernel_gates(impl) else (_cumsum_bthd(g, C), {})
+  return (g, dict(cumsum=True)) if _kernel_gates(impl) else (cm.cumsum_bthd(g, C), {})
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(0, 1, 2, 3))

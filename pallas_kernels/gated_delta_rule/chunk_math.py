@@ -61,6 +61,12 @@ def last(x):
   return jnp.sum(jnp.where(r == x.shape[0] - 1, x, 0.0), axis=0, keepdims=True)
 
 
+def cumsum_bthd(g, C):
+  """Within-chunk cumulative sum of g [B, Tp, H, 1] (XLA, outside the kernels)."""
+  B, Tp, H, _ = g.shape
+  return jnp.cumsum(g.reshape(B, Tp // C, C, H), axis=2).reshape(B, Tp, H, 1)
+
+
 def prefix_rows(grow, lo, n):
   """Rows lo .. lo + n - 1 of the inclusive prefix sum of a chunk's row vector grow [1, C], as an [n, 1] column.
 
