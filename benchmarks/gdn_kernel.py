@@ -133,13 +133,16 @@ def compiled_peak(comp):
 
 
 def correctness(report, dtypes=(jnp.bfloat16,), configs=("v3",), T=1000):
-  """Ours vs the fp32 recurrence (run under highest matmul precision), with resets and an initial state; random
-  keys for every config, then correlated keys for the first."""
-  for dtype, correlated in [(d, c) for d in dtypes for c in (False, True)]:
+  """Ours vs the fp32 recurrence (run under highest matmul precision): with resets and an initial state and random
+  keys for every config, then for the first config correlated keys, and plain inputs (no segment ids, no initial
+  state: the path where the kernels stand in for the mask arrays)."""
+  cases = [(d, kind) for d in dtypes for kind in ("random", "correlated", "plain")]
+  for dtype, kind in cases:
     tols = {jnp.dtype(jnp.float32): 1e-3, jnp.dtype(jnp.bfloat16): 2e-2}
     tol = tols[jnp.dtype(dtype)]
-    (q, k, v, g, beta), seg = inputs(1, T, dtype, resets=True, correlated=correlated)
-    h0 = jax.random.normal(jax.random.PRNGKey(9), (B, H, K, V), jnp.float32)
+    plain = kind == "plain"
+    (q, k, v, g, beta), seg = inputs(1, T, dtype, resets=not plain, correlated=kind == "correlated")
+    h0 = None if plain else jax.random.normal(jax.random.PRNGKey(9), (B, H, K, V), jnp.float32)
     f32 = lambda x: x.astype(jnp.float32)
     with jax.default_matmul_precision("highest"):
       ref = jax.jit(lambda *a: naive_recurrent_gated_delta_rule(*a, initial_state=h0, output_final_state=True,
@@ -155,24 +158,22 @@ def correctness(report, dtypes=(jnp.bfloat16,), configs=("v3",), T=1000):
       o, s = chunk_gated_delta_rule(*a, initial_state=h0, output_final_state=True, segment_ids=seg,
                                     backend="pallas_gpu")
       return jnp.sum(o.astype(jnp.float32) * do) + jnp.sum(s)
-    for config in configs[:1] if correlated else configs:
+    for config in configs if kind == "random" else configs[:1]:
       try:
         with gpu_flags(**CONFIGS[config]):  # traced (first call) inside: the flags select the kernels
           o, s = jax.jit(lambda *a: chunk_gated_delta_rule(*a, initial_state=h0, output_final_state=True,
                                                            segment_ids=seg, backend="pallas_gpu"))(q, k, v, g, beta)
           gr = jax.jit(jax.grad(lambda *a: loss(*a), argnums=(0, 1, 2, 3, 4)))(q, k, v, g, beta)
       except Exception as e:  # noqa: BLE001  (recorded; the other configs go on)
-        report.append({"config": config, "keys": "correlated" if correlated else "random",
-                       "error": f"{type(e).__name__}: {str(e)[:300]}"})
+        report.append({"config": config, "keys": kind, "error": f"{type(e).__name__}: {str(e)[:300]}"})
         print(f"correctness {config} failed: {report[-1]['error']}", flush=True)
         continue
       errs = {"o": rel(o, ref[0]), "state": rel(s, ref[1])}
       errs.update({f"d{n}": rel(a, b) for n, a, b in zip("q k v g beta".split(), gr, gref)})
       ok = all(np.isfinite(e) and e <= tol for e in errs.values())
       report.append({"backend": "pallas_gpu", "config": config, "dtype": jnp.dtype(dtype).name, "T": T, "tol": tol,
-                     "keys": "correlated" if correlated else "random", "ok": ok, **errs})
-      print(f"correctness {config:14s} {jnp.dtype(dtype).name:8s} {'correlated' if correlated else 'random':10s} "
-            f"ok={ok} " +
+                     "keys": kind, "ok": ok, **errs})
+      print(f"correctness {config:14s} {jnp.dtype(dtype).name:8s} {kind:10s} ok={ok} " +
             " ".join(f"{n}={e:.2e}" for n, e in errs.items()), flush=True)
 
 
