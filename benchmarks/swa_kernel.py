@@ -240,65 +240,13 @@ def decode_case(res, c, args):
   print(res[-2:], flush=True)
 
 
-def atomic_ab(lengths, reps):
-  """The backward with dQ added by atomics in the dK/dV kernel (``bwd_atomic_dq``) against the two-kernel backward
-  and cuDNN windowed: GPU correctness against the float32 reference first, then forward+backward timings."""
-  res = []
-  key = jax.random.PRNGKey(5)
-  for i, (b, t, w, packed) in enumerate([(1, 4096, 1024, False), (2, 4000, 700, True)]):
-    q, k, v, do = inputs(jax.random.fold_in(key, i), b, t)
-    seg = (jnp.asarray(np.repeat(np.arange(4), -(-t // 4))[None, :t].repeat(b, 0), jnp.int32) if packed
-           else None)
-    f32 = lambda x: x.astype(jnp.float32)
-    o_ref, vjp_ref = jax.vjp(lambda q, k, v: attention_reference(q, k, v, window=w, segment_ids=seg),
-                             f32(q), f32(k), f32(v))
-    o, vjp = jax.vjp(jax.jit(lambda q, k, v: flash_attention(q, k, v, window=w, segment_ids=seg,
-                                                             bwd_atomic_dq=True)), q, k, v)
-    errs = [rel(o, o_ref)] + [rel(a, b_) for a, b_ in zip(vjp(do), vjp_ref(f32(do)))]
-    res.append((f"check atomic_dq b={b} t={t} w={w} packed={packed}: o dq dk dv", errs))
-    print(res[-1], flush=True)
-  variants = {"two kernels (default) 64x128 w8 s3": dict(),
-              "atomic dQ 64x128 w8 s3": dict(bwd_atomic_dq=True),
-              "atomic dQ 64x128 w8 s2": dict(bwd_atomic_dq=True, bwd_num_stages=2),
-              "atomic dQ 64x64 w4 s2": dict(bwd_atomic_dq=True, bwd_block_k=64, bwd_num_warps=4,
-                                           bwd_num_stages=2),
-              "atomic dQ 128x64 w8 s2": dict(bwd_atomic_dq=True, bwd_block_q=128, bwd_block_k=64,
-                                            bwd_num_stages=2)}
-  for t in lengths:
-    q, k, v, do = inputs(jax.random.PRNGKey(t), 1, t)
-    f, fb = fwd_and_bwd(impls(W)["cudnn_window"])
-    res.append((f"T={t} cudnn_window fwd", timeit(f, q, k, v, reps=reps)[0]))
-    res.append((f"T={t} cudnn_window fwd+bwd", timeit(fb, q, k, v, do, reps=reps)[0]))
-    print(res[-2:], flush=True)
-    for name, c in variants.items():
-      try:
-        f, fb = fwd_and_bwd(lambda q, k, v, c=c: flash_attention(q, k, v, window=W, **c))
-        if not c:
-          res.append((f"T={t} ours fwd", timeit(f, q, k, v, reps=reps)[0]))
-        res.append((f"T={t} ours fwd+bwd {name}", timeit(fb, q, k, v, do, reps=reps)[0]))
-        print(res[-1], flush=True)
-      except Exception:
-        traceback.print_exc()
-  print("\natomic dQ A/B, median ms")
-  for name, ms in res:
-    print(f"| {name} | {ms} |")
-  return res
-
-
 def main():
   ap = argparse.ArgumentParser()
   ap.add_argument("--reps", type=int, default=10)
   ap.add_argument("--lengths", default="32768,65536,131072")
   ap.add_argument("--no-sweep", action="store_true")
   ap.add_argument("--tune", action="store_true", help="only the variant/decode comparison")
-  ap.add_argument("--atomic-ab", action="store_true", help="only the atomic-dQ backward A/B (at --lengths)")
   args = ap.parse_args()
-  if args.atomic_ab:
-    print(dict(device=jax.devices()[0].device_kind, jax=jax.__version__), flush=True)
-    res = atomic_ab([int(x) for x in args.lengths.split(",")], args.reps)
-    with open(os.path.join(os.environ.get("OUT", "."), "swa_atomic_ab.json"), "w") as fh:
-      json.dump(res, fh, indent=1)
-    return
   if args.tune:
     print(dict(device=jax.devices()[0].device_kind, jax=jax.__version__), flush=True)
     res = tune(65536, args.reps)

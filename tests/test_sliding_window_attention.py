@@ -175,13 +175,6 @@ def test_flash_gpu_interpret(b, t, hq, hkv, window, packed, dtype):
                           f"flash{t}{window}", b, t, hq, hkv, 16, window, packed, dtype)
 
 
-@pytest.mark.parametrize("packed,window,dtype", [(True, 9, jnp.float32), (False, 20, jnp.bfloat16)])
-def test_flash_gpu_atomic_dq(packed, window, dtype):
-  """dQ added with atomics by the dK/dV kernel (``bwd_atomic_dq``), batch 2, Hq/Hkv = 4."""
-  check_against_reference(functools.partial(flash_attention, bwd_atomic_dq=True, **FLASH_BLOCKS),
-                          f"atomic{window}", 2, 45, 8, 2, 16, window, packed, dtype)
-
-
 @pytest.mark.slow
 @pytest.mark.parametrize("t", [37, 64])
 @pytest.mark.parametrize("window", [1, 17, None])

@@ -10,10 +10,7 @@ loop runs over those blocks only, and splits into a masked lower edge, an unmask
 (no per-element mask arithmetic) and the masked diagonal. Softmax runs in base 2 with
 ``scale * log2(e)`` folded into the scores; the saved log-sum-exp is base 2 too.
 Backward is the usual recomputation: one kernel for dK/dV (parallel over key blocks), one for
-dQ (parallel over query blocks); ``delta = rowsum(dO * O)`` is a fused XLA reduction. With
-``bwd_atomic_dq`` the dK/dV kernel also forms each block's dQ part (dS^T K) and adds it into a
-float32 dQ with atomic adds, so the scores and dP are computed once (5 products per block pair
-instead of 7) at the cost of the atomics and a zeroed float32 dQ.
+dQ (parallel over query blocks); ``delta = rowsum(dO * O)`` is a fused XLA reduction.
 """
 
 from __future__ import annotations
@@ -180,12 +177,7 @@ def _fwd(q, k, v, seg, *, scale, window, block_q, block_k, num_warps, num_stages
 # ----------------------------------------------------------------------------- backward
 
 
-def _dkv_kernel(*refs, qk_scale, scale, window, bq, bk, nq, g, has_seg, atomic_dq):
-  refs = list(refs)
-  dq_ref = None
-  if atomic_dq:  # the aliased float32 dQ: the last input (its zeros) and the last output, one buffer
-    refs.pop(-4)
-    dq_ref = refs.pop()
+def _dkv_kernel(*refs, qk_scale, scale, window, bq, bk, nq, g, has_seg):
   if has_seg:
     q_ref, k_ref, v_ref, do_ref, lse_ref, dl_ref, qs_ref, ks_ref, dk_ref, dv_ref = refs
   else:
@@ -214,10 +206,8 @@ def _dkv_kernel(*refs, qk_scale, scale, window, bq, bk, nq, g, has_seg, atomic_d
         pt = jnp.where(_mask(qpos, kpos, window, qseg, kseg), pt, 0.0)
       dv = dv + _dot(pt.astype(do.dtype), do)
       dpt = _dot(v, do, _DOT)
-      dst = (pt * (dpt - delta[None, :])).astype(q.dtype)
-      dk = dk + _dot(dst, q)
-      if dq_ref is not None:
-        plgpu.atomic_add(dq_ref, (pl.ds(q0, bq), gi, slice(None)), _dot(dst, k, _DOT_TN))
+      dst = pt * (dpt - delta[None, :])
+      dk = dk + _dot(dst.astype(q.dtype), q)
       return dk, dv
 
     return _three_loops(lo, lo_f, hi_f, hi, body, carry, always_mask=has_seg)
@@ -263,7 +253,7 @@ def _dq_kernel(*refs, qk_scale, scale, window, bq, bk, nk, has_seg):
 
 
 def _bwd(q, k, v, seg, o, lse, do, *, scale, window, block_q, block_k, num_warps, num_stages,
-         interpret, atomic_dq=False):
+         interpret):
   b, t, hq, d = q.shape
   hkv = k.shape[2]
   g = hq // hkv
@@ -290,30 +280,17 @@ def _bwd(q, k, v, seg, o, lse, do, *, scale, window, block_q, block_k, num_warps
                  pl.BlockSpec((None, bk), lambda bh, j: (bh // hkv, j))]
     args += [seg, seg]
   kv_spec = pl.BlockSpec((None, bk, None, d), lambda bh, j: (bh // hkv, j, bh % hkv, 0))
-  out_specs = [kv_spec, kv_spec]
-  out_shape = [jax.ShapeDtypeStruct(k.shape, k.dtype), jax.ShapeDtypeStruct(v.shape, v.dtype)]
-  aliases = {}
-  if atomic_dq:  # every program of a kv head adds into that head group's whole [T, g, D] slab
-    in_specs.append(pl.BlockSpec((None, t, g, d), full_heads))
-    args.append(jnp.zeros(q.shape, jnp.float32))
-    out_specs.append(pl.BlockSpec((None, t, g, d), full_heads))
-    out_shape.append(jax.ShapeDtypeStruct(q.shape, jnp.float32))
-    aliases = {len(args) - 1: 2}
-  out = pl.pallas_call(
+  dk, dv = pl.pallas_call(
       functools.partial(_dkv_kernel, qk_scale=scale * LOG2E, scale=scale, window=window, bq=bq,
-                        bk=bk, nq=nq, g=g, has_seg=has_seg, atomic_dq=atomic_dq),
+                        bk=bk, nq=nq, g=g, has_seg=has_seg),
       grid=(b * hkv, t // bk),
       in_specs=in_specs,
-      out_specs=out_specs,
-      out_shape=out_shape,
-      input_output_aliases=aliases,
+      out_specs=[kv_spec, kv_spec],
+      out_shape=[jax.ShapeDtypeStruct(k.shape, k.dtype), jax.ShapeDtypeStruct(v.shape, v.dtype)],
       compiler_params=cp,
       interpret=interpret,
-      name="swa_flash_bwd_dkv_dq" if atomic_dq else "swa_flash_bwd_dkv",
+      name="swa_flash_bwd_dkv",
   )(*args)
-  dk, dv = out[:2]
-  if atomic_dq:
-    return (out[2] * scale).astype(q.dtype), dk, dv
 
   # dQ: one program per (batch, query head, query block), like the forward.
   bq, bk = block_k, block_q  # transposed roles: long query block, short key block
@@ -373,8 +350,7 @@ class _Config:
                     num_warps=kw["num_warps"], num_stages=kw["num_stages"],
                     fold_scale=kw["fold_scale"], heads_fastest=kw["heads_fastest"])
     self.bwd = dict(common, block_q=kw["bwd_block_q"], block_k=kw["bwd_block_k"],
-                    num_warps=kw["bwd_num_warps"], num_stages=kw["bwd_num_stages"],
-                    atomic_dq=kw["bwd_atomic_dq"])
+                    num_warps=kw["bwd_num_warps"], num_stages=kw["bwd_num_stages"])
 
   def __hash__(self):
     return hash(self._kw)
@@ -385,14 +361,12 @@ class _Config:
 
 def flash_attention(q, k, v, *, window, segment_ids=None, scale=None, block_q=128, block_k=128,
                     num_warps=8, num_stages=3, bwd_block_q=64, bwd_block_k=128, bwd_num_warps=8,
-                    bwd_num_stages=3, bwd_atomic_dq=False, fold_scale=False, heads_fastest=False,
-                    interpret=False):
+                    bwd_num_stages=3, fold_scale=False, heads_fastest=False, interpret=False):
   """Sliding-window (``window=None``: full) causal attention, ``q [B,T,Hq,D]``,
   ``k, v [B,T,Hkv,D]``, optional ``segment_ids [B,T]``. Differentiable.
 
   The backward dK/dV kernel uses ``bwd_block_q`` queries x ``bwd_block_k`` keys; the dQ kernel
-  uses the transposed sizes; ``bwd_atomic_dq``: no dQ kernel, the dK/dV kernel adds dQ with
-  atomics (float32). Defaults are the fastest measured on an H100 (JAX 0.11.2, D=128,
+  uses the transposed sizes. Defaults are the fastest measured on an H100 (JAX 0.11.2, D=128,
   W=8192; benchmarks/swa_kernel_notes.md). A sequence length that is not a multiple of the blocks is padded
   (padded keys lie after every real query, so causality already hides them).
   """
@@ -413,7 +387,7 @@ def flash_attention(q, k, v, *, window, segment_ids=None, scale=None, block_q=12
   cfg = _Config(scale=scale, window=window, interpret=interpret, block_q=block_q,
                 block_k=block_k, num_warps=num_warps, num_stages=num_stages,
                 bwd_block_q=bwd_block_q, bwd_block_k=bwd_block_k, bwd_num_warps=bwd_num_warps,
-                bwd_num_stages=bwd_num_stages, bwd_atomic_dq=bwd_atomic_dq, fold_scale=fold_scale,
+                bwd_num_stages=bwd_num_stages, fold_scale=fold_scale,
                 heads_fastest=heads_fastest)
   o = _flash(q, k, v, seg, cfg)
   return o[:, :t]
