@@ -8,8 +8,8 @@ Order: correctness (bf16, T=2000, every A/B config vs the fp32 recurrence), then
 (`pallas_gpu` flags, CONFIGS: v3 = the default (caller's layout, q/k normalised by one Triton kernel, gate columns
 formed inside prep, diagonal tiles of the inverse by doubling, serial passes with 3 Triton stages, prep's inverse in
 TF32), v3_xla_gates / v3_subst / v3_run12 = without the first, the second or both (run 12's default),
-v3_grad_kernel / v3_grad_xla = the gradient kernel's gate columns summed inside it / with m, seg arrays,
-v3_zero_state = no zeroed initial-state array,
+v3_prep_dense = prep on whole [64 x 64] matrices, v3_grad_kernel / v3_grad_xla = the gradient kernel's gate
+columns summed inside it / with m, seg arrays, v3_zero_state = no zeroed initial-state array,
 v3_xla_qk_norm / v3_ieee / v3_tf32x3 / v3_prep_w8 / v3_xla_layout / v3_kernel_norm / v3_serial_s2 / v2 / v3_bv64 =
 earlier defaults and candidates;
 --configs picks, default DEFAULT_AB) forward and forward+backward at each length, then fla, then T=131072 (default
@@ -54,7 +54,7 @@ REPS, INNER = 5, 10  # bench_jax defaults (--smoke: 1, 1)
 # Pallas GPU versions compared in one run (module flags of pallas_gpu, read when a function is traced).
 _V3 = dict(FUSED_PREP=True, SPLIT_GRADS=True, NATIVE_LAYOUT=True, KERNEL_L2NORM=False, QK_NORM_KERNEL=True, BV=32,
            SERIAL_STAGES=3, INVERSE_PRECISION="tf32", PREP_WARPS=4, KERNEL_GATES=True, DIAG_INVERSE="doubling",
-           GRAD_GATES="xla_gam", KERNEL_ZERO_STATE=False)
+           GRAD_GATES="xla_gam", KERNEL_ZERO_STATE=False, PREP_DENSE=False)
 CONFIGS = {
     "v2": dict(_V3, SPLIT_GRADS=False),
     "v3": dict(_V3),  # the default configuration
@@ -63,6 +63,7 @@ CONFIGS = {
     "v3_grad_xla": dict(_V3, GRAD_GATES="xla"),  # XLA's cumsum and m/seg arrays for the gradient kernel
     "v3_zero_state": dict(_V3, KERNEL_ZERO_STATE=True),  # no initial state array: the serial passes start from 0
     "v3_subst": dict(_V3, DIAG_INVERSE="substitution"),  # diagonal tiles by forward substitution
+    "v3_prep_dense": dict(_V3, PREP_DENSE=True),  # prep on whole [64 x 64] matrices, inverse by doubling
     "v3_run12": dict(_V3, KERNEL_GATES=False, DIAG_INVERSE="substitution"),  # the default of runs 12 and 13
     "v3_xla_qk_norm": dict(_V3, QK_NORM_KERNEL=False),  # q/k normalised by XLA's fusions: the default until run 12
     "v3_ieee": dict(_V3, INVERSE_PRECISION="ieee"),  # prep's inverse on the FMA units: the default until run 10
@@ -329,7 +330,7 @@ def stage_times(T, out=None, left=lambda: 1e9):
     ctx.update(prep=prep, prep_args=prep_args)
 
   def variants():  # each variant traced afresh (the module constants are read when traced)
-    for name, flags in (("v3_prep_subst", dict(DIAG_INVERSE="substitution")),):
+    for name, flags in (("v3_prep_subst", dict(DIAG_INVERSE="substitution")), ("v3_prep_dense", dict(PREP_DENSE=True))):
       with gpu_flags(**flags):
         try:
           stage(name, lambda *x: ctx["prep"](*x), *ctx["prep_args"])

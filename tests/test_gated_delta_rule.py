@@ -188,12 +188,15 @@ def test_gpu_kernel_gates(monkeypatch, kernel_gates, grad_gates, resets, init):
   assert ("cumsum" in jaxpr) == (not kernel_gates or resets)
 
 
-@pytest.mark.parametrize("diag", ["doubling", "substitution"])
+@pytest.mark.parametrize("diag", ["doubling", "substitution", "dense"])
 def test_gpu_diag_inverse(monkeypatch, diag):
-  """Both ways of inverting prep's [16 x 16] diagonal tiles, in float32 (exact products) and bf16 (TF32 products),
-  with strongly correlated keys (I + L far from the identity)."""
+  """Both ways of inverting prep's [16 x 16] diagonal tiles, and prep on the whole chunk, in float32 (exact products)
+  and bf16 (TF32 products), with strongly correlated keys (I + L far from the identity)."""
   from pallas_kernels.gated_delta_rule import pallas_gpu
-  monkeypatch.setattr(pallas_gpu, "DIAG_INVERSE", diag)
+  if diag == "dense":  # the whole chunk at once (PREP_DENSE), inverted by doubling
+    monkeypatch.setattr(pallas_gpu, "PREP_DENSE", True)
+  else:
+    monkeypatch.setattr(pallas_gpu, "DIAG_INVERSE", diag)
   x = make_inputs(11, 1, 130, 2, 32, 16)
   x["k"] = x["k"] + 3.0 * jax.random.normal(jax.random.PRNGKey(12), (1, 1, 2, 32))
   check_forward("pallas_gpu", x, 1e-5)
@@ -328,12 +331,15 @@ def test_gpu_lowering():
   assert bwd.count("xla.gpu.triton") >= fwd.count("xla.gpu.triton") + 3 and "gdn_grads_v3" in bwd
 
 
-@pytest.mark.parametrize("diag", ["doubling", "substitution"])
+@pytest.mark.parametrize("diag", ["doubling", "substitution", "dense"])
 def test_gpu_lowering_without_segments(monkeypatch, diag):
   """Without segment ids or an initial state the kernels read no gate arrays but g and beta (KERNEL_GATES): that
   path lowers too, with either inverse of the diagonal tiles."""
   from pallas_kernels.gated_delta_rule import pallas_gpu
-  monkeypatch.setattr(pallas_gpu, "DIAG_INVERSE", diag)
+  if diag == "dense":
+    monkeypatch.setattr(pallas_gpu, "PREP_DENSE", True)
+  else:
+    monkeypatch.setattr(pallas_gpu, "DIAG_INVERSE", diag)
   fwd, bwd = lowered("pallas_gpu", "cuda", H=2, segments=False)
   assert "gdn_prep" in fwd and "gdn_grads_v3" in bwd
 

@@ -56,6 +56,9 @@ INVERSE_PRECISION = "tf32"
 # How prep inverts the four [16 x 16] diagonal tiles of (I + L): "substitution" (15 dependent products each) or
 # "doubling" (`chunk_math.unit_lower_inverse_doubling`: 6 dependent products each).
 DIAG_INVERSE = "doubling"
+# PREP_DENSE: prep on whole [64 x 64] matrices (`chunk_math.chunk_prep_dense`: the inverse by doubling over the chunk,
+# 14 products) instead of [16 x 16] tiles (~70 smaller products).
+PREP_DENSE = False
 
 
 def _inverse_precision(dtype):
@@ -77,12 +80,16 @@ def _run_chunk_prep(out_refs, n_rows, load_rows, dtype):
 
   def store(name, b, x):
     ref = outs[name]
-    if name == "a":
+    if name == "a" and b is not None:
       ref[pl.ds(b[0] * S, S), pl.ds(b[1] * S, S)] = x.astype(ref.dtype)
     else:
       ref[rows(b), :] = x.astype(ref.dtype)
 
-  cm.chunk_prep(lambda name, b: load_rows(name, rows(b)), store, n_rows, _inverse_precision(dtype), DIAG_INVERSE)
+  load = lambda name, b: load_rows(name, rows(b))
+  if PREP_DENSE:
+    cm.chunk_prep_dense(load, store, n_rows, _inverse_precision(dtype))
+  else:
+    cm.chunk_prep(load, store, n_rows, _inverse_precision(dtype), DIAG_INVERSE)
 
 
 def _prep_kernel(q_ref, k_ref, v_ref, gam_ref, beta_ref, m_ref, seg_ref, *out_refs):
