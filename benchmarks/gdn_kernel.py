@@ -64,6 +64,7 @@ CONFIGS = {
     "v3_zero_state": dict(_V3, KERNEL_ZERO_STATE=True),  # no initial state array: the serial passes start from 0
     "v3_subst": dict(_V3, DIAG_INVERSE="substitution"),  # diagonal tiles by forward substitution
     "v3_prep_dense": dict(_V3, PREP_DENSE=True),  # prep on whole [64 x 64] matrices, inverse by doubling
+    "v3_prep_dense_w8": dict(_V3, PREP_DENSE=True, PREP_WARPS=8),
     "v3_run12": dict(_V3, KERNEL_GATES=False, DIAG_INVERSE="substitution"),  # the default of runs 12 and 13
     "v3_xla_qk_norm": dict(_V3, QK_NORM_KERNEL=False),  # q/k normalised by XLA's fusions: the default until run 12
     "v3_ieee": dict(_V3, INVERSE_PRECISION="ieee"),  # prep's inverse on the FMA units: the default until run 10
