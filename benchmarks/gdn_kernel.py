@@ -6,12 +6,13 @@ One device call (fla 0.4.0 wheels carried in .wheels/, see PERFORMANCE.md):
   mode, no fla: checks that the script runs end to end.)
 Order: correctness (bf16, T=2000, every A/B config vs the fp32 recurrence), then the A/B of the Pallas GPU versions
 (`pallas_gpu` flags, CONFIGS: v3 = the default (caller's layout, q/k normalised by one Triton kernel, gate columns
-formed inside prep, diagonal tiles of the inverse by doubling, serial passes with 3 Triton stages, prep's inverse in
-TF32), v3_xla_gates / v3_subst / v3_run12 = without the first, the second or both (run 12's default),
-v3_prep_dense = prep on whole [64 x 64] matrices, v3_grad_kernel / v3_grad_xla = the gradient kernel's gate
-columns summed inside it / with m, seg arrays, v3_zero_state = no zeroed initial-state array,
-v3_xla_qk_norm / v3_ieee / v3_tf32x3 / v3_prep_w8 / v3_xla_layout / v3_kernel_norm / v3_serial_s2 / v2 / v3_bv64 =
-earlier defaults and candidates;
+formed inside prep, prep on whole [64 x 64] matrices with the inverse by doubling in TF32, serial passes with 3
+Triton stages), v3_tiles = prep on [16 x 16] tiles (runs 13-18), v3_subst / v3_run12 = tiles with the diagonal
+ones by substitution (run 12's prep), and also the gate columns from XLA (run 12's default), v3_xla_gates = the
+gate columns from XLA, v3_grad_kernel / v3_grad_xla = the gradient kernel's gate columns summed inside it / with
+m, seg arrays, v3_zero_state = no zeroed initial-state array, v3_qk_rows128/256 = the q/k norm kernel's rows per
+program, v3_xla_qk_norm / v3_ieee / v3_tf32x3 / v3_prep_w8 / v3_xla_layout / v3_kernel_norm / v3_serial_s2 / v2 /
+v3_bv64 = earlier defaults and candidates;
 --configs picks, default DEFAULT_AB) forward and forward+backward at each length, then fla, then T=131072 (default
 version), then each kernel stage of the default path (and the candidates) jitted alone at T=8192.
 Shapes: B=1, H=16, K=128, V=256, bf16 operands, fp32 state, q/k L2-norm inside. Times are medians of timed
@@ -54,7 +55,7 @@ REPS, INNER = 5, 10  # bench_jax defaults (--smoke: 1, 1)
 # Pallas GPU versions compared in one run (module flags of pallas_gpu, read when a function is traced).
 _V3 = dict(FUSED_PREP=True, SPLIT_GRADS=True, NATIVE_LAYOUT=True, KERNEL_L2NORM=False, QK_NORM_KERNEL=True, BV=32,
            SERIAL_STAGES=3, INVERSE_PRECISION="tf32", PREP_WARPS=4, KERNEL_GATES=True, DIAG_INVERSE="doubling",
-           GRAD_GATES="xla_gam", KERNEL_ZERO_STATE=False, PREP_DENSE=False)
+           GRAD_GATES="xla_gam", KERNEL_ZERO_STATE=False, PREP_DENSE=True)
 CONFIGS = {
     "v2": dict(_V3, SPLIT_GRADS=False),
     "v3": dict(_V3),  # the default configuration
@@ -62,10 +63,13 @@ CONFIGS = {
     "v3_grad_kernel": dict(_V3, GRAD_GATES="kernel"),  # the gradient kernel sums g itself (run 13's v3)
     "v3_grad_xla": dict(_V3, GRAD_GATES="xla"),  # XLA's cumsum and m/seg arrays for the gradient kernel
     "v3_zero_state": dict(_V3, KERNEL_ZERO_STATE=True),  # no initial state array: the serial passes start from 0
-    "v3_subst": dict(_V3, DIAG_INVERSE="substitution"),  # diagonal tiles by forward substitution
-    "v3_prep_dense": dict(_V3, PREP_DENSE=True),  # prep on whole [64 x 64] matrices, inverse by doubling
-    "v3_prep_dense_w8": dict(_V3, PREP_DENSE=True, PREP_WARPS=8),
-    "v3_run12": dict(_V3, KERNEL_GATES=False, DIAG_INVERSE="substitution"),  # the default of runs 12 and 13
+    "v3_subst": dict(_V3, PREP_DENSE=False, DIAG_INVERSE="substitution"),  # tiles, diagonal ones by substitution
+    "v3_tiles": dict(_V3, PREP_DENSE=False),  # prep on [16 x 16] tiles: the default of runs 13-18
+    "v3_prep_dense_w8": dict(_V3, PREP_WARPS=8),
+    "v3_qk_rows128": {**_V3, "qk_norm.ROWS": 128},  # rows per program of the q/k norm kernel (64 by default)
+    "v3_qk_rows256": {**_V3, "qk_norm.ROWS": 256},
+    # the default of runs 12 and 13
+    "v3_run12": dict(_V3, KERNEL_GATES=False, PREP_DENSE=False, DIAG_INVERSE="substitution"),
     "v3_xla_qk_norm": dict(_V3, QK_NORM_KERNEL=False),  # q/k normalised by XLA's fusions: the default until run 12
     "v3_ieee": dict(_V3, INVERSE_PRECISION="ieee"),  # prep's inverse on the FMA units: the default until run 10
     "v3_tf32x3": dict(_V3, INVERSE_PRECISION="tf32x3"),  # three TF32 passes
@@ -81,14 +85,16 @@ FWD_SAME_AS = {"v3_xla_layout": "v2"}  # identical forward kernels: timed once
 
 @contextlib.contextmanager
 def gpu_flags(**flags):
-  old = {n: getattr(pallas_gpu, n) for n in flags}
+  """Module constants set while a config is traced: `pallas_gpu` flags, or "qk_norm.NAME" for the q/k norm kernel."""
+  mod = lambda n: (qk_norm, n.split(".", 1)[1]) if n.startswith("qk_norm.") else (pallas_gpu, n)
+  old = {n: getattr(*mod(n)) for n in flags}
   for n, x in flags.items():
-    setattr(pallas_gpu, n, x)
+    setattr(*mod(n), x)
   try:
     yield
   finally:
     for n, x in old.items():
-      setattr(pallas_gpu, n, x)
+      setattr(*mod(n), x)
 
 
 def rel(a, b):
@@ -331,7 +337,8 @@ def stage_times(T, out=None, left=lambda: 1e9):
     ctx.update(prep=prep, prep_args=prep_args)
 
   def variants():  # each variant traced afresh (the module constants are read when traced)
-    for name, flags in (("v3_prep_subst", dict(DIAG_INVERSE="substitution")), ("v3_prep_dense", dict(PREP_DENSE=True))):
+    for name, flags in (("v3_prep_tiles", dict(PREP_DENSE=False)),
+                        ("v3_prep_tiles_subst", dict(PREP_DENSE=False, DIAG_INVERSE="substitution"))):
       with gpu_flags(**flags):
         try:
           stage(name, lambda *x: ctx["prep"](*x), *ctx["prep_args"])
@@ -538,7 +545,7 @@ def main():
       print(f"time {key} T={T}: {report['timing'][T][key + '_ms']:.3f} ms", flush=True)
       del compiled[(T, key)]
     default = next((n for n, flags in CONFIGS.items()
-                    if all(getattr(pallas_gpu, k) == v for k, v in flags.items())), "v3")
+                    if all(getattr(pallas_gpu, k, None) == v for k, v in flags.items())), "v3")
     for T, r in report["timing"].items():  # "ours" = the default version, else the newest that ran
       for mode in ("fwd", "fwdbwd"):
         for c in (default, "v3", "v3_xla_layout", "v2"):

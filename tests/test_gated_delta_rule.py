@@ -193,9 +193,8 @@ def test_gpu_diag_inverse(monkeypatch, diag):
   """Both ways of inverting prep's [16 x 16] diagonal tiles, and prep on the whole chunk, in float32 (exact products)
   and bf16 (TF32 products), with strongly correlated keys (I + L far from the identity)."""
   from pallas_kernels.gated_delta_rule import pallas_gpu
-  if diag == "dense":  # the whole chunk at once (PREP_DENSE), inverted by doubling
-    monkeypatch.setattr(pallas_gpu, "PREP_DENSE", True)
-  else:
+  monkeypatch.setattr(pallas_gpu, "PREP_DENSE", diag == "dense")  # dense: the whole chunk at once, by doubling
+  if diag != "dense":
     monkeypatch.setattr(pallas_gpu, "DIAG_INVERSE", diag)
   x = make_inputs(11, 1, 130, 2, 32, 16)
   x["k"] = x["k"] + 3.0 * jax.random.normal(jax.random.PRNGKey(12), (1, 1, 2, 32))
@@ -336,9 +335,8 @@ def test_gpu_lowering_without_segments(monkeypatch, diag):
   """Without segment ids or an initial state the kernels read no gate arrays but g and beta (KERNEL_GATES): that
   path lowers too, with either inverse of the diagonal tiles."""
   from pallas_kernels.gated_delta_rule import pallas_gpu
-  if diag == "dense":
-    monkeypatch.setattr(pallas_gpu, "PREP_DENSE", True)
-  else:
+  monkeypatch.setattr(pallas_gpu, "PREP_DENSE", diag == "dense")
+  if diag != "dense":
     monkeypatch.setattr(pallas_gpu, "DIAG_INVERSE", diag)
   fwd, bwd = lowered("pallas_gpu", "cuda", H=2, segments=False)
   assert "gdn_prep" in fwd and "gdn_grads_v3" in bwd
