@@ -25,7 +25,7 @@ BV = 32
 # Triton num_warps / num_stages of the sequential passes (versions 2 and 3). The stages set how far ahead of the
 # dependent state step the per-chunk operands are loaded: 3 made the forward pass 25% faster than 2 (run 8).
 SERIAL_WARPS, SERIAL_STAGES = 4, 3
-# Version 2 (default): `prep` hoists all state-independent work (tiled inverse, Q K^T * D, gate columns) into one
+# Version 2 (default): `prep` hoists all state-independent work (the inverse, Q K^T * D, gate columns) into one
 # chunk-parallel kernel, the serial passes read it, and the gradient kernel reuses the stored A. False selects
 # version 1 (wu + forward/backward_state that recompute the gates and Q K^T per step, inverse recomputed in grads).
 FUSED_PREP = True
@@ -74,7 +74,7 @@ def _inverse_precision(dtype):
 
 def _run_chunk_prep(out_refs, n_rows, load_rows, dtype):
   """`chunk_math.chunk_prep` over one chunk: `load_rows(name, rows)` reads rows of an input; the results go to the
-  `PREP_NAMES` output refs (`a` as [SUB x SUB] tiles, the rest as row blocks)."""
+  `PREP_NAMES` output refs (`a` whole or as [SUB x SUB] tiles, the rest as row blocks)."""
   outs = dict(zip(PREP_NAMES, out_refs))
   S = cm.SUB
   rows = lambda b: slice(None) if b is None else pl.ds(b * S, S)
