@@ -178,6 +178,17 @@ def tile_inverse(Lt, precision=None, diag="substitution"):
   return Ai
 
 
+def _prep_rows(load, store, C):
+  """The outputs of prep that need no inverse: p = Q K^T * D, qe = E Q, kf = F K, gl. Returns k, D, E."""
+  q, k = load("q", None), load("k", None)
+  D, E, F, gl = gates(load("gam", None), load("m", None), load("seg", None))
+  store("p", None, dot(q, k, tb=True) * D)
+  store("qe", None, q * E)
+  store("kf", None, k * F)
+  store("gl", None, jnp.zeros((C, 1), f32) + gl)
+  return k, D, E
+
+
 def chunk_prep(load, store, C, inverse_precision=None, diag_inverse="substitution"):
   """Everything of one chunk that does not depend on the state, written once so the serial passes stay short.
 
@@ -188,13 +199,8 @@ def chunk_prep(load, store, C, inverse_precision=None, diag_inverse="substitutio
   The inverse works on [SUB, SUB] tiles (`tile_inverse`, its float32 products at `inverse_precision`, its diagonal
   tiles by `diag_inverse`).
   """
-  q, k = load("q", None), load("k", None)
+  k, _, _ = _prep_rows(load, store, C)
   cdt = k.dtype
-  D, E, F, gl = gates(load("gam", None), load("m", None), load("seg", None))
-  store("p", None, dot(q, k, tb=True) * D)
-  store("qe", None, q * E)
-  store("kf", None, k * F)
-  store("gl", None, jnp.zeros((C, 1), f32) + gl)
   nb = C // SUB
   kb = [load("k", b) for b in range(nb)]
   gb = [load("gam", b) for b in range(nb)]
@@ -235,14 +241,9 @@ def chunk_prep_dense(load, store, C, inverse_precision=None):
   (`store("a", None, A)`) and U, W as one product each. Fewer, larger products than the tiled form (14 against ~70
   for C = 64) for ~16x the inverse's multiply-adds. Same outputs as `chunk_prep`.
   """
-  q, k = load("q", None), load("k", None)
+  k, D, E = _prep_rows(load, store, C)
   cdt = k.dtype
   beta = load("beta", None)
-  D, E, F, gl = gates(load("gam", None), load("m", None), load("seg", None))
-  store("p", None, dot(q, k, tb=True) * D)
-  store("qe", None, q * E)
-  store("kf", None, k * F)
-  store("gl", None, jnp.zeros((C, 1), f32) + gl)
   L = jnp.where(strict_lower(C), beta * dot(k, k, tb=True) * D, 0.0)
   a = unit_lower_inverse_doubling(L, inverse_precision).astype(cdt)
   store("a", None, a)
