@@ -327,7 +327,7 @@ def stage_times(T, out=None, left=lambda: 1e9):
     stage("v3_grads_kernel_gates", lambda *x: pallas_gpu.grads_v3(*x, chunk_size=C, cumsum=True),
           pre["a"], qn, kn, vr, g4, b4, None, None, h, dh, vn, dvn, do)
     # run 12's inputs: XLA forms the gate columns, prep reads them
-    xla_inputs = lambda g, b: ((cm.cumsum_bthd(g.astype(jnp.float32)[..., None], C),
+    xla_inputs = lambda g, b: ((cm.chunk_cumsum(g.astype(jnp.float32)[..., None], C),
                                 b.astype(jnp.float32)[..., None]) + gdn_chunk._segments(None, B, T, C))
     gam4, beta4, m3, seg3 = stage("v3_xla_inputs", xla_inputs, gr, br)
     stage("v3_grads", lambda *x: pallas_gpu.grads_v3(*x, chunk_size=C),

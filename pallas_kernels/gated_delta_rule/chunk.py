@@ -9,9 +9,8 @@ On GPU, "pallas_gpu" runs version 3 of the kernels: the backward's serial passes
 split chunk-parallel gradient kernel (`pallas_gpu.SPLIT_GRADS`), and with `pallas_gpu.NATIVE_LAYOUT` (the default)
 the kernels read q, k, v and write O and all input gradients in the caller's [B, T, H, *] layout (`_run_native`):
 q and k are normalised and scaled there first, by one Triton kernel (`qk_norm`; `KERNEL_L2NORM` moves that into
-the chunk kernels instead). With
-NATIVE_LAYOUT off, `_prepare` transposes to the heads-first layout the other backends use. Flags off select
-version 2 or 1 (`FUSED_PREP`).
+the chunk kernels instead). With NATIVE_LAYOUT off, `_prepare` transposes to the heads-first layout the other
+backends use. Flags off select version 2 or 1 (`FUSED_PREP`).
 """
 
 from __future__ import annotations
@@ -66,16 +65,10 @@ def resolve_backend(backend, K, V, chunk_size, dtype) -> str:
   return choice if supported(choice, K, V, chunk_size, dtype) else "xla"
 
 
-def chunk_cumsum(g, C):
-  """Within-chunk cumulative sum of the per-token log-decay, [N, Tp, 1] -> gam [N, Tp, 1]."""
-  N, Tp = g.shape[:2]
-  return jnp.cumsum(g.reshape(N, Tp // C, C), axis=-1).reshape(N, Tp, 1)
-
-
 @functools.partial(jax.custom_vjp, nondiff_argnums=(0, 1))
 def _core(backend, C, q, k, v, g, beta, h0, m, seg):
   impl = _impl(backend)
-  gam = chunk_cumsum(g, C)
+  gam = cm.chunk_cumsum(g, C)
   if getattr(impl, "FUSED_PREP", False):
     pre = impl.prep(q, k, v, gam, beta, m, seg, chunk_size=C)
     o, hT, _ = impl.forward_pre(pre, h0, False, chunk_size=C)
@@ -92,7 +85,7 @@ def _core_fwd(backend, C, q, k, v, g, beta, h0, m, seg):
 
 def _core_bwd(backend, C, res, cts):
   q, k, v, g, beta, h0, m, seg = res
-  gam = chunk_cumsum(g, C)
+  gam = cm.chunk_cumsum(g, C)
   do, dhT = cts
   impl = _impl(backend)
   do = do.astype(q.dtype)
@@ -170,7 +163,7 @@ def _kernel_gates(impl):
 
 def _gam_args(impl, g, C):
   """The gate argument of the native kernels: g itself when they sum it (`KERNEL_GATES`), else XLA's cumsum."""
-  return (g, dict(cumsum=True)) if _kernel_gates(impl) else (cm.cumsum_bthd(g, C), {})
+  return (g, dict(cumsum=True)) if _kernel_gates(impl) else (cm.chunk_cumsum(g, C), {})
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(0, 1, 2, 3))

@@ -61,10 +61,11 @@ def last(x):
   return jnp.sum(jnp.where(r == x.shape[0] - 1, x, 0.0), axis=0, keepdims=True)
 
 
-def cumsum_bthd(g, C):
-  """Within-chunk cumulative sum of g [B, Tp, H, 1] (XLA, outside the kernels)."""
-  B, Tp, H, _ = g.shape
-  return jnp.cumsum(g.reshape(B, Tp // C, C, H), axis=2).reshape(B, Tp, H, 1)
+def chunk_cumsum(g, C):
+  """Within-chunk cumulative sum of the per-token log-decay g [N, Tp, *] along its token axis (XLA, outside the
+  kernels): [N, Tp, 1] heads-first or [B, Tp, H, 1] in the caller's layout."""
+  N, Tp = g.shape[:2]
+  return jnp.cumsum(g.reshape(N, Tp // C, C, *g.shape[2:]), axis=2).reshape(g.shape)
 
 
 def prefix_rows(grow, lo, n):

@@ -629,7 +629,7 @@ def backward_native(q, k, v, gam, beta, m, seg, h0, do, dhT, *, chunk_size, scal
   _, _, h, vn = forward_v3(pre, h0, heads=q.shape[2], need_o=False, store=True, chunk_size=C)
   dh, dh0, dvn = backward_state_v3(pre, do, dhT, chunk_size=C)
   if cumsum and GRAD_GATES != "kernel":
-    gam, cumsum = cm.cumsum_bthd(gam, C), False
+    gam, cumsum = cm.chunk_cumsum(gam, C), False
     if m is None and GRAD_GATES == "xla":
       B, Tp = gam.shape[:2]
       m, seg = jnp.ones((B, Tp, 1), jnp.float32), jnp.zeros((B, Tp, 1), jnp.float32)
