@@ -69,6 +69,23 @@ def test_prefill_then_decode_matches_full_forward(request, which):
     assert engine.decode_step._cache_size() >= 1
 
 
+def test_decode_step_compiler_options_per_platform(hybrid, monkeypatch):
+    """The decode step compiles with its platform's entry of ``DECODE_COMPILER_OPTIONS`` (a GEMM-autotuning option,
+    which the CPU compiler accepts and ignores) and gives the same tokens as without options."""
+    kw = dict(max_new_tokens=6, prefill_chunk=CHUNK, stop_tokens=())
+    ids = np.random.RandomState(3).randint(0, 900, 9).astype(np.int32)
+    monkeypatch.setitem(engine.DECODE_COMPILER_OPTIONS, jax.default_backend(), {})
+    plain = generate(hybrid, {"input_ids": ids}, **kw)[0]
+    before = dict(engine.decode_step._jits)
+    monkeypatch.setitem(engine.DECODE_COMPILER_OPTIONS, jax.default_backend(),
+                        {"xla_gpu_exhaustive_tiling_search": True})
+    tuned = generate(hybrid, {"input_ids": ids}, **kw)[0]
+    new = set(engine.decode_step._jits) - set(before)
+    assert new == {(("xla_gpu_exhaustive_tiling_search", True),)}
+    assert engine.decode_step._jits[new.pop()]._cache_size() == 1
+    np.testing.assert_array_equal(tuned, plain)
+
+
 def test_left_padded_batch_equals_one_by_one(hybrid):
     rng = np.random.RandomState(1)
     prompts = [rng.randint(0, 900, n).astype(np.int32) for n in (5, 19, 12)]
