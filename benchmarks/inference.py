@@ -258,7 +258,12 @@ def main():
     ap.add_argument("--xla-exhaustive-tiling", action="store_true",
                     help="let XLA's GEMM autotuner search every tiling (XLA_FLAGS=--xla_gpu_exhaustive_tiling_search="
                          "true): a longer first compile, faster skinny decode products")
+    ap.add_argument("--tune-decode", action="store_true",
+                    help="compile the decode step (only) with engine.EXHAUSTIVE_GEMM_TILING "
+                         "(engine.DECODE_COMPILER_OPTIONS['gpu'])")
     args = ap.parse_args()
+    if args.tune_decode:
+        engine.DECODE_COMPILER_OPTIONS["gpu"] = engine.EXHAUSTIVE_GEMM_TILING
     if args.xla_exhaustive_tiling:  # read when the backend starts, i.e. before the first device query below
         os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") + " --xla_gpu_exhaustive_tiling_search=true").strip()
     parts = set(args.parts.split(","))
@@ -268,7 +273,8 @@ def main():
     dtype = jnp.float32 if args.tiny else jnp.bfloat16
     cfgs = (tiny_infinitevl(), tiny_qwen2_5_vl()) if args.tiny else (infinitevl_4b(), qwen2_5_vl_3b())
     res = {"device": str(jax.devices()[0].device_kind), "jax": jax.__version__, "decode": {}, "teacher_decode": {},
-           "stream": {}, "xla_flags": os.environ.get("XLA_FLAGS", "")}
+           "stream": {}, "xla_flags": os.environ.get("XLA_FLAGS", ""),
+           "decode_compiler_options": engine.DECODE_COMPILER_OPTIONS.get(jax.default_backend(), {})}
     print(res["device"], flush=True)
     res["read_bytes_per_s"] = read_rate(1 << 20 if args.tiny else 1 << 32)
     print(f"read bandwidth probe: {res['read_bytes_per_s'] / 1e12:.2f} TB/s", flush=True)

@@ -77,8 +77,7 @@ def test_decode_step_compiler_options_per_platform(hybrid, monkeypatch):
     monkeypatch.setitem(engine.DECODE_COMPILER_OPTIONS, jax.default_backend(), {})
     plain = generate(hybrid, {"input_ids": ids}, **kw)[0]
     before = dict(engine.decode_step._jits)
-    monkeypatch.setitem(engine.DECODE_COMPILER_OPTIONS, jax.default_backend(),
-                        {"xla_gpu_exhaustive_tiling_search": True})
+    monkeypatch.setitem(engine.DECODE_COMPILER_OPTIONS, jax.default_backend(), engine.EXHAUSTIVE_GEMM_TILING)
     tuned = generate(hybrid, {"input_ids": ids}, **kw)[0]
     new = set(engine.decode_step._jits) - set(before)
     assert new == {(("xla_gpu_exhaustive_tiling_search", True),)}

@@ -164,14 +164,16 @@ def prefill_step(graphdef, state, cache: Cache, embeds, positions, segment_ids):
     return model.logits(h[:, -1]).astype(jnp.float32), cache
 
 
-# XLA options for compiling the decode step, per platform (``jax.default_backend()``). The step is compiled once per
-# (batch, cache) shape and then runs once per generated token, so on GPUs it is worth letting XLA's GEMM autotuner try
-# every tiling of its few distinct products rather than its default shortlist: for the 4B model on an H200 the
-# first call takes ~35 s longer (49 s instead of 13) and every token ~2.6% less time (2.604 -> 2.537 ms at batch 1;
-# ``benchmarks/inference.py``). Autotuning results are shared within a process: the products of a shape tuned once
-# keep their tiling in later programs. Set the platform's entry to ``{}`` for the quicker compile (or keep the
-# slower one across processes with JAX's persistent compilation cache, ``jax_compilation_cache_dir``).
-DECODE_COMPILER_OPTIONS: dict[str, dict[str, Any]] = {"gpu": {"xla_gpu_exhaustive_tiling_search": True}}
+# XLA options for compiling the decode step, per platform (``jax.default_backend()``): empty by default. The step is
+# compiled once per (batch, cache) shape and then runs once per generated token, so a long-running server may want
+# XLA's GEMM autotuner to try every tiling of the step's few distinct products instead of its default shortlist
+# (``EXHAUSTIVE_GEMM_TILING``): for the 4B model on an H200 the first call then takes ~35 s longer (49 s instead of
+# 13) and every token ~2.5% less time (``benchmarks/inference.py --tune-decode``), which pays back only after
+# hundreds of thousands of tokens, or across processes with JAX's persistent compilation cache
+# (``jax_compilation_cache_dir``). Autotuning results are shared within a process: products of a shape tuned once
+# keep their tiling in programs compiled later. Example: ``DECODE_COMPILER_OPTIONS["gpu"] = EXHAUSTIVE_GEMM_TILING``.
+EXHAUSTIVE_GEMM_TILING = {"xla_gpu_exhaustive_tiling_search": True}
+DECODE_COMPILER_OPTIONS: dict[str, dict[str, Any]] = {}
 
 
 class _PlatformJit:
