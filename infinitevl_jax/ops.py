@@ -126,6 +126,33 @@ def attention_with_cache_update(q, k, v, cache_k, cache_v, cache_positions, q_po
                                          out_rows=out_rows, backend=chosen, attend=attend)
 
 
+def rotary_decode_kernels(num_heads: int, num_kv_heads: int, head_dim: int, ring_length: int) -> bool:
+    """Whether a one-token attention step takes ``attention_decode_rotary`` (the decode kernels reading the fused,
+    unrotated projection): the cache path's choice is the GPU kernels, no mesh, and shapes the kernels take."""
+    from pallas_kernels import sliding_window_attention as swa
+    from pallas_kernels.sliding_window_attention import cache as swa_cache
+
+    chosen = backend("attention")
+    chosen = "auto" if chosen == "cudnn" else chosen
+    kernel = chosen == "pallas_gpu" or chosen == "auto" and swa.choose_cache_backend(1) == "pallas_gpu"
+    return (kernel and sharding.current_mesh() is None
+            and swa_cache.rotary_decode_supported(num_heads, num_kv_heads, head_dim, ring_length))
+
+
+def attention_decode_rotary(qkv, cos, sin, cache_k, cache_v, cache_positions, q_positions, *, num_heads: int,
+                            window: int | None, out_rows: int | None = None):
+    """One decode token per row from the fused projection ``qkv [R >= B, (Hq + 2 Hkv) D]`` and the rotary ``cos,
+    sin [B, D]``: ``attention_with_cache_update`` of the rotated q, k and v, with the rotary embedding applied inside
+    the two decode kernels (``decode_attend_and_write_rotary_pallas``; where ``rotary_decode_kernels`` holds).
+    Returns ``(o [out_rows, 1, Hq, D], cache_k, cache_v, cache_positions)``."""
+    from pallas_kernels.sliding_window_attention import cache as swa_cache
+
+    o, *new = swa_cache.decode_attend_and_write_rotary_pallas(qkv, cos, sin, cache_k, cache_v, cache_positions,
+                                                              q_positions, num_heads=num_heads, window=window,
+                                                              out_rows=out_rows)
+    return (o[:, None], *new)
+
+
 def gdn_decode_mixer(proj, conv_q, conv_k, conv_v, conv_w, A_log, dt_bias, o_norm, live, state, *, num_heads: int,
                      head_k: int, head_v: int, eps: float):
     """One decode step of a Gated DeltaNet layer between its projections, from the fused input projection

@@ -201,10 +201,12 @@ def test_fused_gdn_decode_step_equals_unfused(B, two_rows, monkeypatch):
         np.testing.assert_allclose(np.asarray(a), np.asarray(b), atol=1e-5, rtol=1e-5)
 
 
-@pytest.mark.parametrize("B,two_rows", [(1, True), (2, False)])
-def test_attention_decode_step_kernels_equal_xla(B, two_rows, monkeypatch):
+@pytest.mark.parametrize("B,two_rows,wide", [(1, True, False), (2, False, False), (1, True, True), (2, False, True)])
+def test_attention_decode_step_kernels_equal_xla(B, two_rows, wide, monkeypatch):
     """An SWA layer's one-token step through the decode kernels (split ring, then the combine kernel writing the ring
-    in place; interpret mode, 4-slot key blocks so the tiny ring spans several) equals the XLA step, ring included."""
+    in place; interpret mode, 4-slot key blocks so the tiny ring spans several) equals the XLA step, ring included.
+    ``wide``: 16 query heads of 32 channels, where the kernels read the fused projection and rotate q and k
+    themselves (``ops.attention_decode_rotary``); otherwise XLA rotates before them."""
     from infinitevl_jax import ops
     from infinitevl_jax.config import SWA
     from infinitevl_jax.inference.cache import AttentionCache
@@ -215,7 +217,12 @@ def test_attention_decode_step_kernels_equal_xla(B, two_rows, monkeypatch):
 
     monkeypatch.setattr(layers, "SINGLE_ROW_AS_TWO", two_rows)
     monkeypatch.setattr(swa_cache, "DECODE_BLOCK_K", 4)
-    c = tiny_infinitevl().text
+    calls = []
+    rotary_kernels = swa_cache.decode_attend_and_write_rotary_pallas
+    monkeypatch.setattr(swa_cache, "decode_attend_and_write_rotary_pallas",
+                        lambda *a, **k: calls.append(1) or rotary_kernels(*a, **k))
+    heads = dict(num_attention_heads=16, num_key_value_heads=2, head_dim=32, mrope_section=(4, 6, 6)) if wide else {}
+    c = tiny_infinitevl(**heads).text
     layer = Attention(c, SWA, rngs=nnx.Rngs(3))
     L, hkv, d = c.sliding_window - 1, c.num_key_value_heads, c.head_dim
     ks = jax.random.split(jax.random.key(B), 3)
@@ -232,9 +239,10 @@ def test_attention_decode_step_kernels_equal_xla(B, two_rows, monkeypatch):
     layer.fuse_projections()
     with ops.use_backends(attention="pallas_gpu"):
         o, new = step(layer, x, cache)
+    assert len(calls) == int(wide)
     np.testing.assert_allclose(np.asarray(o), np.asarray(o_ref), atol=1e-5, rtol=1e-5)
-    for a, b in zip(new, c_ref):
-        np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+    for a, b in zip(new, c_ref):  # the new key rotated in the kernel: float32 rounding apart from XLA's rotary
+        np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=0, atol=1e-6 if wide else 0)
 
 
 def test_split_copies_only_the_blocks_and_consume_frees_them():

@@ -21,7 +21,9 @@ from pallas_kernels.sliding_window_attention import (
     sliding_window_attention,
 )
 from pallas_kernels.sliding_window_attention.cache import (attend_to_cache_decode_pallas, attend_to_cache_pallas,
-                                                           decode_attend_and_write_pallas)
+                                                           decode_attend_and_write_pallas,
+                                                           decode_attend_and_write_rotary_pallas,
+                                                           rotary_decode_supported)
 from pallas_kernels.sliding_window_attention.flash_gpu import flash_attention
 from pallas_kernels.sliding_window_attention.splash_tpu import splash_attention
 
@@ -326,6 +328,67 @@ def test_decode_attend_and_write_equals_separate_steps(block_k, out_rows):
       assert not np.any(np.asarray(o[1]))
     for a, r in zip(cache, ref_cache):
       np.testing.assert_array_equal(np.asarray(a), np.asarray(r))
+
+
+def _rotate_half_reference(x, cos, sin):
+  """The rotate-half rotary embedding of ``x [B, H, D]`` with ``cos, sin [B, D]`` in float32, rounded to x's dtype."""
+  x32 = x.astype(jnp.float32)
+  h = x.shape[-1] // 2
+  rot = jnp.concatenate([-x32[..., h:], x32[..., :h]], axis=-1)
+  return (x32 * cos[:, None] + rot * sin[:, None]).astype(x.dtype)
+
+
+@pytest.mark.parametrize("hq,hkv,dtype,out_rows", [(16, 2, jnp.float32, 2), (16, 4, jnp.float32, 3),
+                                                   (32, 2, jnp.float32, 2), (16, 2, jnp.bfloat16, 2)])
+def test_rotary_decode_equals_rotating_first(hq, hkv, dtype, out_rows):
+  """Token by token through an 8-slot ring (5 full wraps, a padding query in row 1 every third step), the decode
+  kernels fed the fused unrotated projection and the rotary cos / sin (interpret mode) equal rotating q and k first
+  and taking ``decode_attend_and_write_pallas``: outputs and the ring itself (rows past B of the projection and of
+  the output are padding)."""
+  window, t, b, d = 9, 45, 2, 32
+  key = jax.random.PRNGKey(zlib.crc32(f"rotary{hq}{hkv}{dtype}".encode()))
+  kx, ka = jax.random.split(key)
+  qkv = jax.random.normal(kx, (t, out_rows, (hq + 2 * hkv) * d), jnp.float32).astype(dtype)
+  angles = jax.random.uniform(ka, (t, b, d // 2), jnp.float32, 0.0, 6.3)
+  cos, sin = jnp.cos(jnp.concatenate([angles] * 2, -1)), jnp.sin(jnp.concatenate([angles] * 2, -1))
+  assert rotary_decode_supported(hq, hkv, d, window - 1, 4)
+  fused = jax.jit(lambda *a: decode_attend_and_write_rotary_pallas(*a, num_heads=hq, window=window, out_rows=out_rows,
+                                                                    block_k=4, splits=2, interpret=True))
+
+  def first_rotate(x, c, s_, ck, cv, cp, pos):
+    heads = x[:b].reshape(b, hq + 2 * hkv, d)
+    q = _rotate_half_reference(heads[:, :hq], c, s_)
+    k = _rotate_half_reference(heads[:, hq:hq + hkv], c, s_)
+    return decode_attend_and_write_pallas(q[:, None], k[:, None], heads[:, None, hq + hkv:], ck, cv, cp, pos,
+                                          window=window, out_rows=out_rows, block_k=4, splits=2, interpret=True)
+
+  separate = jax.jit(first_rotate)
+  cache = ref_cache = init_ring_buffer(b, window - 1, hkv, d, dtype)
+  for i in range(t):
+    pos = jnp.asarray([[i], [i // 3 if i % 3 else -1]], jnp.int32)
+    o, *cache = fused(qkv[i], cos[i], sin[i], *cache, pos)
+    o_ref, *ref_cache = separate(qkv[i], cos[i], sin[i], *ref_cache, pos)
+    assert o.shape == (out_rows, hq, d) and o.dtype == dtype
+    assert rel(o[:b], o_ref[:b]) <= (1e-5 if dtype == jnp.float32 else 2e-2), (i, rel(o[:b], o_ref[:b]))
+    assert not np.any(np.asarray(o[b:]))
+    for a, r in zip(cache, ref_cache):
+      np.testing.assert_array_equal(np.asarray(a), np.asarray(r))
+
+
+def test_rotary_decode_shape_checks():
+  assert not rotary_decode_supported(4, 2, 32, 100)  # fewer query heads than one block of rows
+  assert not rotary_decode_supported(24, 2, 32, 100)  # 12 heads per group: not a power of two
+  assert not rotary_decode_supported(16, 2, 16, 100)  # halves of 8: narrower than a dot operand
+  assert not rotary_decode_supported(16, 2, 32, 10)  # ring shorter than one key block
+  assert rotary_decode_supported(16, 2, 128, 8191)
+  ring = init_ring_buffer(1, 64, 2, 32, jnp.float32)
+  cs = jnp.zeros((1, 32))
+  with pytest.raises(ValueError, match="qkv must be"):
+    decode_attend_and_write_rotary_pallas(jnp.zeros((1, 16 * 32)), cs, cs, *ring, jnp.zeros((1, 1), jnp.int32),
+                                          num_heads=16, window=None)
+  with pytest.raises(ValueError, match="does not take"):
+    decode_attend_and_write_rotary_pallas(jnp.zeros((1, 8 * 32)), cs, cs, *ring, jnp.zeros((1, 1), jnp.int32),
+                                          num_heads=4, window=None)
 
 
 def test_full_attention_cache_and_dispatch():

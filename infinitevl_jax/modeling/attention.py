@@ -63,7 +63,15 @@ class Attention(nnx.Module):
         """
         B, R, C = cache[0].shape[0], x.shape[0], x.shape[1]
         check_step_rows(R, B, C)
-        q, k, v = self.project(x, cos, sin, rows=B)
         rows = padded_row_count(B) if C == 1 else B  # decode: the o_proj input at the rows its product runs with
-        o, *new = ops.attention_with_cache_update(q, k, v, *cache, q_positions, window=self.window, out_rows=rows)
+        if C == 1 and self.qkv_proj is not None and ops.rotary_decode_kernels(
+                self.num_heads, self.num_kv_heads, self.head_dim, cache[0].shape[1]):
+            # the decode kernels read the projection as it comes out of its product and rotate q and k themselves
+            qkv = self.qkv_proj(x).reshape(R, -1)
+            o, *new = ops.attention_decode_rotary(qkv, cos[:B, 0], sin[:B, 0], *cache, q_positions,
+                                                  num_heads=self.num_heads, window=self.window, out_rows=rows)
+        else:
+            q, k, v = self.project(x, cos, sin, rows=B)
+            o, *new = ops.attention_with_cache_update(q, k, v, *cache, q_positions, window=self.window,
+                                                      out_rows=rows)
         return self.o_proj(o.reshape(rows, C, -1))[:R], type(cache)(*new)

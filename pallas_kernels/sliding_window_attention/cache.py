@@ -271,13 +271,37 @@ DECODE_BLOCK_K = 64
 DECODE_ROWS = 16  # query rows per program (the heads of a kv group, padded: Triton dots take >= 16 rows)
 
 
-def _decode_kernel(q_ref, qp_ref, ck_ref, cv_ref, cp_ref, acc_ref, m_ref, l_ref, *, qk_scale, window, bk, length,
-                   per_split):
-  q = q_ref[...]  # [R, D]
+def _rotate_halves(x_ref, cos_ref, sin_ref, dtype):
+  """The rotate-half rotary embedding of ``x_ref [..., D]`` (read as its two halves) with ``cos, sin [D]``, in
+  float32, returned as its two halves rounded to ``dtype`` (what an XLA rotary before the kernel would give)."""
+  h = x_ref.shape[-1] // 2
+  xa = x_ref[..., pl.ds(0, h)].astype(jnp.float32)
+  xb = x_ref[..., pl.ds(h, h)].astype(jnp.float32)
+  ca, cb = cos_ref[pl.ds(0, h)].astype(jnp.float32), cos_ref[pl.ds(h, h)].astype(jnp.float32)
+  sa, sb = sin_ref[pl.ds(0, h)].astype(jnp.float32), sin_ref[pl.ds(h, h)].astype(jnp.float32)
+  return (xa * ca - xb * sa).astype(dtype), (xb * cb + xa * sb).astype(dtype)
+
+
+def _decode_kernel(*refs, qk_scale, window, bk, length, per_split, rotary):
+  if rotary:  # q rows unrotated, with the row's rotary cos / sin
+    q_ref, cos_ref, sin_ref, qp_ref, ck_ref, cv_ref, cp_ref, acc_ref, m_ref, l_ref = refs
+    q = _rotate_halves(q_ref, cos_ref, sin_ref, ck_ref.dtype)  # ([R, D/2], [R, D/2])
+  else:
+    q_ref, qp_ref, ck_ref, cv_ref, cp_ref, acc_ref, m_ref, l_ref = refs
+    q = q_ref[...]  # [R, D]
   qpos = qp_ref[...][:, None]  # [R, 1]
   nblocks = -(-length // bk)
   j0 = pl.program_id(1) * per_split
   j1 = jnp.minimum(j0 + per_split, nblocks)
+  half = ck_ref.shape[-1] // 2
+
+  def scores(k0):
+    # float32 operands (tests) at full precision: the GPU's default would be TF32
+    dot = functools.partial(lax.dot_general, dimension_numbers=(((1,), (1,)), ((), ())),
+                            preferred_element_type=jnp.float32, precision=lax.Precision.HIGHEST)
+    if not rotary:
+      return dot(q, ck_ref[pl.ds(k0, bk), :])
+    return dot(q[0], ck_ref[pl.ds(k0, bk), pl.ds(0, half)]) + dot(q[1], ck_ref[pl.ds(k0, bk), pl.ds(half, half)])
 
   def body(j, carry):
     acc, m_i, l_i = carry
@@ -289,12 +313,8 @@ def _decode_kernel(q_ref, qp_ref, ck_ref, cv_ref, cp_ref, acc_ref, m_ref, l_ref,
     vis = (slot >= j * bk) & (kpos >= 0) & (kpos < qpos) & (qpos >= 0)
     if window is not None:
       vis &= kpos > qpos - window
-    k = ck_ref[pl.ds(k0, bk), :]
     v = cv_ref[pl.ds(k0, bk), :]
-    # float32 operands (tests) at full precision: the GPU's default would be TF32
-    s = lax.dot_general(q, k, (((1,), (1,)), ((), ())), preferred_element_type=jnp.float32,
-                        precision=lax.Precision.HIGHEST)
-    s = jnp.where(vis, s * qk_scale, _NEG)
+    s = jnp.where(vis, scores(k0) * qk_scale, _NEG)
     m_new = jnp.maximum(m_i, jnp.max(s, axis=1))
     alpha = jnp.exp2(m_i - m_new)
     p = jnp.where(vis, jnp.exp2(s - m_new[:, None]), 0.0)
@@ -303,7 +323,7 @@ def _decode_kernel(q_ref, qp_ref, ck_ref, cv_ref, cp_ref, acc_ref, m_ref, l_ref,
                                          precision=lax.Precision.HIGHEST)
     return acc, m_new, l_i
 
-  r, d = q.shape
+  r, d = acc_ref.shape
   carry = (jnp.zeros((r, d), jnp.float32), jnp.full((r,), _NEG, jnp.float32), jnp.zeros((r,), jnp.float32))
   acc, m_i, l_i = lax.fori_loop(j0, j1, body, carry)
   acc_ref[...] = acc
@@ -312,10 +332,19 @@ def _decode_kernel(q_ref, qp_ref, ck_ref, cv_ref, cp_ref, acc_ref, m_ref, l_ref,
 
 
 def _decode_partials(q, cache_k, cache_v, cache_positions, q_positions, *, window, qk_scale, hkv, splits, block_k,
-                     num_warps, num_stages, interpret):
-  """The split-ring kernel's partials (``interpret`` None: compiled on a GPU, interpreted elsewhere) ``acc [B Hkv, S, rows, D]``, ``m, l [B Hkv, S, rows]`` float32 (S a power of
-  two: splits past the ring's blocks are empty, m = -1e30 and l = acc = 0)."""
-  b, _, hq, d = q.shape
+                     num_warps, num_stages, interpret, rotary=None):
+  """The split-ring kernel's partials (``interpret`` None: compiled on a GPU, interpreted elsewhere) ``acc [B Hkv, S,
+  rows, D]``, ``m, l [B Hkv, S, rows]`` float32 (S a power of two: splits past the ring's blocks are empty, m = -1e30
+  and l = acc = 0). Row ``i`` of kv head ``h``'s partials is query head ``h * G + i`` (G = Hq / Hkv), rows past G
+  padding.
+
+  ``rotary = (hq, cos, sin)``: ``q`` is instead the unrotated projection ``[R >= B, Hq + 2 Hkv, D]`` (query heads
+  first) and the kernel applies the rotary embedding (``cos, sin [B, D]``) as it reads it, taking whole ``rows``-head
+  blocks of it (``rotary_decode_supported``); row ``i`` of kv head ``h``'s partials is then query head
+  ``(h * G) // rows * rows + i``."""
+  b = cache_k.shape[0]
+  d = q.shape[-1]
+  hq = q.shape[2] if rotary is None else rotary[0]
   g = hq // hkv
   rows_n = max(DECODE_ROWS, 1 << (g - 1).bit_length())
   cache_k, cache_v, cpos = _fit_ring(cache_k, cache_v, cache_positions, block_k)
@@ -324,16 +353,24 @@ def _decode_partials(q, cache_k, cache_v, cache_positions, q_positions, *, windo
   per_split = -(-nblocks // min(splits, nblocks))
   n_splits = 1 << (-(-nblocks // per_split) - 1).bit_length()
   interpret = _compat.gpu_interpret() if interpret is None else interpret
-  rows = jnp.pad(q.reshape(b, hkv, g, d), ((0, 0), (0, 0), (0, rows_n - g), (0, 0))).astype(cache_k.dtype)
   rpos = jnp.broadcast_to(q_positions.astype(jnp.int32), (b, rows_n))
   kv_spec = pl.BlockSpec((None, length, None, d), lambda bh, i: (bh // hkv, 0, bh % hkv, 0))
+  pos_spec = pl.BlockSpec((None, rows_n), lambda bh, i: (bh // hkv, 0))
+  if rotary is None:
+    rows = jnp.pad(q.reshape(b, hkv, g, d), ((0, 0), (0, 0), (0, rows_n - g), (0, 0))).astype(cache_k.dtype)
+    q_in = [rows, rpos]
+    q_specs = [pl.BlockSpec((None, None, rows_n, d), lambda bh, i: (bh // hkv, bh % hkv, 0, 0)), pos_spec]
+  else:
+    _, cos, sin = rotary
+    row_spec = pl.BlockSpec((None, d), lambda bh, i: (bh // hkv, 0))
+    q_in = [q, cos, sin, rpos]
+    q_specs = [pl.BlockSpec((None, rows_n, d), lambda bh, i: (bh // hkv, (bh % hkv) * g // rows_n, 0)), row_spec,
+               row_spec, pos_spec]
   return pl.pallas_call(
       functools.partial(_decode_kernel, qk_scale=qk_scale, window=window, bk=block_k, length=length,
-                        per_split=per_split),
+                        per_split=per_split, rotary=rotary is not None),
       grid=(b * hkv, n_splits),
-      in_specs=[pl.BlockSpec((None, None, rows_n, d), lambda bh, i: (bh // hkv, bh % hkv, 0, 0)),
-                pl.BlockSpec((None, rows_n), lambda bh, i: (bh // hkv, 0)),
-                kv_spec, kv_spec, pl.BlockSpec((None, length), lambda bh, i: (bh // hkv, 0))],
+      in_specs=[*q_specs, kv_spec, kv_spec, pl.BlockSpec((None, length), lambda bh, i: (bh // hkv, 0))],
       out_specs=[pl.BlockSpec((None, None, rows_n, d), lambda bh, i: (bh, i, 0, 0)),
                  pl.BlockSpec((None, None, rows_n), lambda bh, i: (bh, i, 0)),
                  pl.BlockSpec((None, None, rows_n), lambda bh, i: (bh, i, 0))],
@@ -343,7 +380,7 @@ def _decode_partials(q, cache_k, cache_v, cache_positions, q_positions, *, windo
       compiler_params=plgpu.CompilerParams(num_warps=num_warps, num_stages=num_stages),
       interpret=interpret,
       name="swa_decode",
-  )(rows, rpos, cache_k, cache_v.astype(cache_k.dtype), cpos)
+  )(*q_in, cache_k, cache_v.astype(cache_k.dtype), cpos)
 
 
 def attend_to_cache_decode_pallas(q, k, v, cache_k, cache_v, cache_positions, q_positions, *, window, scale=None,
@@ -382,8 +419,12 @@ def attend_to_cache_decode_pallas(q, k, v, cache_k, cache_v, cache_positions, q_
   return o.reshape(b, 1, hq, d).astype(q.dtype)
 
 
-def _combine_write_kernel(acc_ref, m_ref, l_ref, q_ref, k_ref, v_ref, qp_ref, ck_ref, cv_ref, cp_ref, o_ref, ck_out,
-                          cv_out, cp_out, *, qk_scale, rows, heads, group, length):
+def _combine_write_kernel(acc_ref, m_ref, l_ref, q_ref, k_ref, v_ref, *refs, qk_scale, rows, heads, group, length,
+                          rotary):
+  if rotary:
+    cos_ref, sin_ref, qp_ref, ck_ref, cv_ref, cp_ref, o_ref, ck_out, cv_out, cp_out = refs
+  else:
+    qp_ref, ck_ref, cv_ref, cp_ref, o_ref, ck_out, cv_out, cp_out = refs
   del ck_ref, cv_ref, cp_ref  # aliased to the outputs: written in place, never read here
   f32 = jnp.float32
   n = pl.program_id(0)
@@ -394,8 +435,14 @@ def _combine_write_kernel(acc_ref, m_ref, l_ref, q_ref, k_ref, v_ref, qp_ref, ck
     qpos = qp_ref[0]
     live = qpos >= 0
     m, l, acc = m_ref[...], l_ref[...], acc_ref[...]  # [S], [S], [S, D]
-    kn = k_ref[...]
-    s_new = jnp.where(live, jnp.sum(q_ref[...].astype(f32) * kn.astype(f32)) * qk_scale, _NEG)
+    if rotary:  # the new key and the query rotated here, each as its two halves
+      kn = _rotate_halves(k_ref, cos_ref, sin_ref, ck_out.dtype)
+      qn = _rotate_halves(q_ref, cos_ref, sin_ref, ck_out.dtype)
+      qk = sum(jnp.sum(a.astype(f32) * b.astype(f32)) for a, b in zip(qn, kn))
+    else:
+      kn = k_ref[...]
+      qk = jnp.sum(q_ref[...].astype(f32) * kn.astype(f32))
+    s_new = jnp.where(live, qk * qk_scale, _NEG)
     top = jnp.maximum(jnp.max(m), s_new)
     w = jnp.exp2(m - top)
     w_new = jnp.where(live, jnp.exp2(s_new - top), 0.0)
@@ -407,7 +454,12 @@ def _combine_write_kernel(acc_ref, m_ref, l_ref, q_ref, k_ref, v_ref, qp_ref, ck
     @pl.when(live & first)
     def _():
       slot = qpos % length
-      ck_out[pl.ds(slot, 1), :] = kn[None, :].astype(ck_out.dtype)
+      if rotary:
+        half = ck_out.shape[-1] // 2
+        ck_out[pl.ds(slot, 1), pl.ds(0, half)] = kn[0][None, :]
+        ck_out[pl.ds(slot, 1), pl.ds(half, half)] = kn[1][None, :]
+      else:
+        ck_out[pl.ds(slot, 1), :] = kn[None, :].astype(ck_out.dtype)
       cv_out[pl.ds(slot, 1), :] = v_ref[...][None, :].astype(cv_out.dtype)
 
     @pl.when(live & (n % heads == 0))
@@ -417,6 +469,40 @@ def _combine_write_kernel(acc_ref, m_ref, l_ref, q_ref, k_ref, v_ref, qp_ref, ck
   @pl.when(jnp.logical_not(real))
   def _():
     o_ref[...] = jnp.zeros(o_ref.shape, o_ref.dtype)
+
+
+def _combine_and_write(acc, m, l, cache_k, cache_v, cache_positions, q_positions, q_args, q_specs, *, b, hq, hkv,
+                       qk_scale, out_rows, partial_row, rotary, num_warps, interpret):
+  """The combine kernel over ``out_rows x Hq`` programs: ``q_args`` / ``q_specs`` are the query, new key and new value
+  (and with ``rotary`` the cos / sin rows) and their per-program blocks; ``partial_row(n)``: the row of the
+  partials holding program ``n``'s query head."""
+  d = cache_k.shape[-1]
+  g = hq // hkv
+  length = cache_k.shape[1]
+  n_splits = m.shape[1]
+  r_ = lambda n: jnp.minimum(n // hq, b - 1)  # rows past B read row B - 1's blocks (and write only zeros)
+  part = lambda n: r_(n) * hkv + (n % hq) // g
+  ring = pl.BlockSpec((None, length, None, d), lambda n: (r_(n), 0, (n % hq) // g, 0))
+  pos = pl.BlockSpec((None, length), lambda n: (r_(n), 0))
+  n_in = 3 + len(q_args) + 1
+  o, ck, cv, cp = pl.pallas_call(
+      functools.partial(_combine_write_kernel, qk_scale=qk_scale, rows=b, heads=hq, group=g, length=length,
+                        rotary=rotary),
+      grid=(out_rows * hq,),
+      in_specs=[pl.BlockSpec((None, n_splits, None, d), lambda n: (part(n), 0, partial_row(n), 0)),
+                pl.BlockSpec((None, n_splits, None), lambda n: (part(n), 0, partial_row(n))),
+                pl.BlockSpec((None, n_splits, None), lambda n: (part(n), 0, partial_row(n))),
+                *q_specs, pl.BlockSpec((None, 1), lambda n: (r_(n), 0)), ring, ring, pos],
+      out_specs=[pl.BlockSpec((None, None, d), lambda n: (n // hq, n % hq, 0)), ring, ring, pos],
+      out_shape=[jax.ShapeDtypeStruct((out_rows, hq, d), q_args[0].dtype),
+                 jax.ShapeDtypeStruct(cache_k.shape, cache_k.dtype), jax.ShapeDtypeStruct(cache_v.shape, cache_v.dtype),
+                 jax.ShapeDtypeStruct(cache_positions.shape, jnp.int32)],
+      input_output_aliases={n_in: 1, n_in + 1: 2, n_in + 2: 3},
+      compiler_params=plgpu.CompilerParams(num_warps=num_warps, num_stages=1),
+      interpret=interpret,
+      name="swa_decode_combine",
+  )(acc, m, l, *q_args, q_positions.astype(jnp.int32), cache_k, cache_v, cache_positions.astype(jnp.int32))
+  return o, ck, cv, cp
 
 
 def decode_attend_and_write_pallas(q, k, v, cache_k, cache_v, cache_positions, q_positions, *, window, scale=None,
@@ -444,30 +530,68 @@ def decode_attend_and_write_pallas(q, k, v, cache_k, cache_v, cache_positions, q
   acc, m, l = _decode_partials(q, cache_k, cache_v, cache_positions, q_positions, window=window, qk_scale=qk_scale,
                                hkv=hkv, splits=DECODE_SPLITS if splits is None else splits, block_k=block_k,
                                num_warps=num_warps, num_stages=num_stages, interpret=interpret)
-  n_splits, rows_n = m.shape[1:]
   interpret = _compat.gpu_interpret() if interpret is None else interpret
-  # program n over out_rows x Hq: row r = n // Hq, query head n % Hq = kv head x group + head in group
-  r_ = lambda n: jnp.minimum(n // hq, b - 1)  # rows past B read row B - 1's blocks (and write only zeros)
-  part = lambda n: r_(n) * hkv + (n % hq) // g
-  ring = pl.BlockSpec((None, length, None, d), lambda n: (r_(n), 0, (n % hq) // g, 0))
-  pos = pl.BlockSpec((None, length), lambda n: (r_(n), 0))
+  r_ = lambda n: jnp.minimum(n // hq, b - 1)
   vec_kv = pl.BlockSpec((None, None, d), lambda n: (r_(n), (n % hq) // g, 0))
-  o, ck, cv, cp = pl.pallas_call(
-      functools.partial(_combine_write_kernel, qk_scale=qk_scale, rows=b, heads=hq, group=g, length=length),
-      grid=(out_rows * hq,),
-      in_specs=[pl.BlockSpec((None, n_splits, None, d), lambda n: (part(n), 0, n % g, 0)),
-                pl.BlockSpec((None, n_splits, None), lambda n: (part(n), 0, n % g)),
-                pl.BlockSpec((None, n_splits, None), lambda n: (part(n), 0, n % g)),
-                pl.BlockSpec((None, None, d), lambda n: (r_(n), n % hq, 0)), vec_kv, vec_kv,
-                pl.BlockSpec((None, 1), lambda n: (r_(n), 0)), ring, ring, pos],
-      out_specs=[pl.BlockSpec((None, None, d), lambda n: (n // hq, n % hq, 0)), ring, ring, pos],
-      out_shape=[jax.ShapeDtypeStruct((out_rows, hq, d), q.dtype), jax.ShapeDtypeStruct(cache_k.shape, cache_k.dtype),
-                 jax.ShapeDtypeStruct(cache_v.shape, cache_v.dtype),
-                 jax.ShapeDtypeStruct(cache_positions.shape, jnp.int32)],
-      input_output_aliases={7: 1, 8: 2, 9: 3},
-      compiler_params=plgpu.CompilerParams(num_warps=num_warps, num_stages=1),
-      interpret=interpret,
-      name="swa_decode_combine",
-  )(acc, m, l, q.reshape(b, hq, d), k.reshape(b, hkv, d), v.reshape(b, hkv, d), q_positions.astype(jnp.int32),
-    cache_k, cache_v, cache_positions.astype(jnp.int32))
-  return o, ck, cv, cp
+  q_specs = [pl.BlockSpec((None, None, d), lambda n: (r_(n), n % hq, 0)), vec_kv, vec_kv]
+  return _combine_and_write(acc, m, l, cache_k, cache_v, cache_positions, q_positions,
+                            [q.reshape(b, hq, d), k.reshape(b, hkv, d), v.reshape(b, hkv, d)], q_specs, b=b, hq=hq,
+                            hkv=hkv, qk_scale=qk_scale, out_rows=out_rows, partial_row=lambda n: n % g, rotary=False,
+                            num_warps=num_warps, interpret=interpret)
+
+
+def rotary_decode_supported(num_heads: int, num_kv_heads: int, head_dim: int, ring_length: int,
+                            block_k: int | None = None) -> bool:
+  """Whether ``decode_attend_and_write_rotary_pallas`` takes these shapes: whole blocks of ``DECODE_ROWS`` (or the
+  group size, if larger) query heads, a power-of-two group size, halves of the head at least 16 wide (the dots'
+  smallest operand) and a ring of at least one key block."""
+  if num_kv_heads <= 0 or num_heads % num_kv_heads or head_dim % 2:
+    return False
+  g = num_heads // num_kv_heads
+  rows_n = max(DECODE_ROWS, 1 << (g - 1).bit_length())
+  return (g & (g - 1) == 0 and num_heads % rows_n == 0 and head_dim // 2 >= 16
+          and ring_length >= (DECODE_BLOCK_K if block_k is None else block_k))
+
+
+def decode_attend_and_write_rotary_pallas(qkv, cos, sin, cache_k, cache_v, cache_positions, q_positions, *,
+                                          num_heads, window, scale=None, out_rows=None, splits=None, block_k=None,
+                                          num_warps=4, num_stages=2, interpret=None):
+  """``decode_attend_and_write_pallas`` from the attention layer's fused, unrotated projection: ``qkv [R >= B, (Hq +
+  2 Hkv) D]`` (query heads, then key heads, then value heads; rows past B ignored) and the token's rotary
+  ``cos, sin [B, D]`` (rotate-half convention, float32). Both kernels apply the rotary embedding to what they read
+  (rounded to the cache's dtype, as a rotary before them would), so no XLA op sits between the projection and the
+  kernels. Same results and returns as ``decode_attend_and_write_pallas`` on the split, rotated q, k, v; shapes must
+  pass ``rotary_decode_supported``."""
+  b, _, hkv, d = cache_k.shape
+  hq = num_heads
+  if qkv.ndim != 2 or qkv.shape[0] < b or qkv.shape[1] != (hq + 2 * hkv) * d:
+    raise ValueError(f"qkv must be [R >= {b}, {(hq + 2 * hkv) * d}] for {hq} query and {hkv} key/value heads of "
+                     f"{d}, got {qkv.shape}")
+  if cos.shape != (b, d) or sin.shape != (b, d) or q_positions.shape != (b, 1):
+    raise ValueError(f"cos, sin must be [{b}, {d}] and q_positions [{b}, 1], got {cos.shape}, {sin.shape}, "
+                     f"{q_positions.shape}")
+  block_k = DECODE_BLOCK_K if block_k is None else block_k
+  if not rotary_decode_supported(hq, hkv, d, cache_k.shape[1], block_k):
+    raise ValueError(f"decode_attend_and_write_rotary_pallas does not take Hq={hq}, Hkv={hkv}, D={d} with a ring of "
+                     f"{cache_k.shape[1]} slots and {block_k}-slot blocks (rotary_decode_supported)")
+  out_rows = b if out_rows is None else out_rows
+  scale = d ** -0.5 if scale is None else scale
+  g = hq // hkv
+  rows_n = max(DECODE_ROWS, 1 << (g - 1).bit_length())
+  qk_scale = scale * math.log2(math.e)
+  heads = qkv.reshape(qkv.shape[0], hq + 2 * hkv, d)
+  cos, sin = cos.astype(jnp.float32), sin.astype(jnp.float32)
+  acc, m, l = _decode_partials(heads, cache_k, cache_v, cache_positions, q_positions, window=window,
+                               qk_scale=qk_scale, hkv=hkv, splits=DECODE_SPLITS if splits is None else splits,
+                               block_k=block_k, num_warps=num_warps, num_stages=num_stages, interpret=interpret,
+                               rotary=(hq, cos, sin))
+  interpret = _compat.gpu_interpret() if interpret is None else interpret
+  r_ = lambda n: jnp.minimum(n // hq, b - 1)
+  head = lambda first: pl.BlockSpec((None, None, d), lambda n: (r_(n), first(n), 0))
+  row = pl.BlockSpec((None, d), lambda n: (r_(n), 0))
+  q_specs = [head(lambda n: n % hq), head(lambda n: hq + (n % hq) // g), head(lambda n: hq + hkv + (n % hq) // g),
+             row, row]
+  return _combine_and_write(acc, m, l, cache_k, cache_v, cache_positions, q_positions,
+                            [heads, heads, heads, cos, sin], q_specs, b=b, hq=hq, hkv=hkv, qk_scale=qk_scale,
+                            out_rows=out_rows, partial_row=lambda n: (n % hq) % rows_n, rotary=True,
+                            num_warps=num_warps, interpret=interpret)
