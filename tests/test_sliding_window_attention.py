@@ -375,6 +375,39 @@ def test_rotary_decode_equals_rotating_first(hq, hkv, dtype, out_rows):
       np.testing.assert_array_equal(np.asarray(a), np.asarray(r))
 
 
+@pytest.mark.gpu
+@pytest.mark.skipif(jax.default_backend() != "gpu", reason="needs an NVIDIA GPU")
+@pytest.mark.parametrize("b", [1, 3])
+def test_rotary_decode_compiled_on_gpu(b):
+  """The compiled kernels at the 4B attention shape (16 query heads, 2 key/value heads of 128, an 8191-slot ring,
+  bf16): bit-identical to rotating q and k first, ring included; row b - 1 of the batch of 3 is a padding query."""
+  hq, hkv, d, length = 16, 2, 128, 8191
+  ks = jax.random.split(jax.random.PRNGKey(b), 4)
+  ring = (jax.random.normal(ks[0], (b, length, hkv, d), jnp.bfloat16),
+          jax.random.normal(ks[1], (b, length, hkv, d), jnp.bfloat16),
+          jnp.broadcast_to(jnp.arange(length, dtype=jnp.int32), (b, length)))
+  rows = max(b, 2)
+  qkv = jax.random.normal(ks[2], (rows, (hq + 2 * hkv) * d), jnp.bfloat16)
+  angles = jax.random.uniform(ks[3], (b, d // 2), jnp.float32, 0.0, 6.3)
+  cos, sin = jnp.cos(jnp.concatenate([angles] * 2, -1)), jnp.sin(jnp.concatenate([angles] * 2, -1))
+  pos = (length + 5 - 3 * jnp.arange(b, dtype=jnp.int32))[:, None]
+  if b > 2:
+    pos = pos.at[b - 1].set(-1)
+
+  @jax.jit
+  def first_rotate(qkv, ck, cv, cp):
+    heads = qkv[:b].reshape(b, hq + 2 * hkv, d)
+    q = _rotate_half_reference(heads[:, :hq], cos, sin)
+    k = _rotate_half_reference(heads[:, hq:hq + hkv], cos, sin)
+    return decode_attend_and_write_pallas(q[:, None], k[:, None], heads[:, None, hq + hkv:], ck, cv, cp, pos,
+                                          window=8192, out_rows=rows)
+
+  fused = jax.jit(lambda qkv, ck, cv, cp: decode_attend_and_write_rotary_pallas(
+      qkv, cos, sin, ck, cv, cp, pos, num_heads=hq, window=8192, out_rows=rows))
+  for a, r in zip(fused(qkv, *ring), first_rotate(qkv, *ring)):
+    np.testing.assert_array_equal(np.asarray(a.astype(jnp.float32)), np.asarray(r.astype(jnp.float32)))
+
+
 def test_rotary_decode_shape_checks():
   assert not rotary_decode_supported(4, 2, 32, 100)  # fewer query heads than one block of rows
   assert not rotary_decode_supported(24, 2, 32, 100)  # 12 heads per group: not a power of two
