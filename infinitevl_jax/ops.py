@@ -139,18 +139,17 @@ def rotary_decode_kernels(num_heads: int, num_kv_heads: int, head_dim: int, ring
             and swa_cache.rotary_decode_supported(num_heads, num_kv_heads, head_dim, ring_length))
 
 
-def attention_decode_rotary(qkv, bias, cos, sin, cache_k, cache_v, cache_positions, q_positions, *, num_heads: int,
+def attention_decode_rotary(qkv, cos, sin, cache_k, cache_v, cache_positions, q_positions, *, num_heads: int,
                             window: int | None, out_rows: int | None = None):
-    """One decode token per row from the fused projection ``qkv [R >= B, (Hq + 2 Hkv) D]`` without its ``bias``
-    (None: none) and the rotary ``cos, sin [B, D]``: ``attention_with_cache_update`` of the biased, rotated q, k and v,
-    with the bias and the rotary embedding applied inside the two decode kernels
-    (``decode_attend_and_write_rotary_pallas``; where ``rotary_decode_kernels`` holds).
+    """One decode token per row from the fused projection ``qkv [R >= B, (Hq + 2 Hkv) D]`` and the rotary ``cos,
+    sin [B, D]``: ``attention_with_cache_update`` of the rotated q, k and v, with the rotary embedding applied inside
+    the two decode kernels (``decode_attend_and_write_rotary_pallas``; where ``rotary_decode_kernels`` holds).
     Returns ``(o [out_rows, 1, Hq, D], cache_k, cache_v, cache_positions)``."""
     from pallas_kernels.sliding_window_attention import cache as swa_cache
 
     o, *new = swa_cache.decode_attend_and_write_rotary_pallas(qkv, cos, sin, cache_k, cache_v, cache_positions,
                                                               q_positions, num_heads=num_heads, window=window,
-                                                              bias=bias, out_rows=out_rows)
+                                                              out_rows=out_rows)
     return (o[:, None], *new)
 
 

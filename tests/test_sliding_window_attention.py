@@ -338,27 +338,25 @@ def _rotate_half_reference(x, cos, sin):
   return (x32 * cos[:, None] + rot * sin[:, None]).astype(x.dtype)
 
 
-@pytest.mark.parametrize("hq,hkv,dtype,out_rows,biased", [(16, 2, jnp.float32, 2, True), (16, 4, jnp.float32, 3, False),
-                                                          (32, 2, jnp.float32, 2, True), (16, 2, jnp.bfloat16, 2, True),
-                                                          (16, 2, jnp.bfloat16, 2, False)])
-def test_rotary_decode_equals_rotating_first(hq, hkv, dtype, out_rows, biased):
+@pytest.mark.parametrize("hq,hkv,dtype,out_rows", [(16, 2, jnp.float32, 2), (16, 4, jnp.float32, 3),
+                                                   (32, 2, jnp.float32, 2), (16, 2, jnp.bfloat16, 2)])
+def test_rotary_decode_equals_rotating_first(hq, hkv, dtype, out_rows):
   """Token by token through an 8-slot ring (5 full wraps, a padding query in row 1 every third step), the decode
-  kernels fed the fused unrotated projection without its bias, the bias and the rotary cos / sin (interpret mode)
-  equal adding the bias, rotating q and k first and taking ``decode_attend_and_write_pallas``: outputs and the ring
-  itself (rows past B of the projection and of the output are padding)."""
+  kernels fed the fused unrotated projection and the rotary cos / sin (interpret mode) equal rotating q and k first
+  and taking ``decode_attend_and_write_pallas``: outputs and the ring itself (rows past B of the projection and of
+  the output are padding)."""
   window, t, b, d = 9, 45, 2, 32
-  key = jax.random.PRNGKey(zlib.crc32(f"rotary{hq}{hkv}{dtype}{biased}".encode()))
-  kx, ka, kb = jax.random.split(key, 3)
+  key = jax.random.PRNGKey(zlib.crc32(f"rotary{hq}{hkv}{dtype}".encode()))
+  kx, ka = jax.random.split(key)
   qkv = jax.random.normal(kx, (t, out_rows, (hq + 2 * hkv) * d), jnp.float32).astype(dtype)
-  bias = jax.random.normal(kb, ((hq + 2 * hkv) * d,), jnp.float32).astype(dtype) if biased else None
   angles = jax.random.uniform(ka, (t, b, d // 2), jnp.float32, 0.0, 6.3)
   cos, sin = jnp.cos(jnp.concatenate([angles] * 2, -1)), jnp.sin(jnp.concatenate([angles] * 2, -1))
   assert rotary_decode_supported(hq, hkv, d, window - 1, 4)
   fused = jax.jit(lambda *a: decode_attend_and_write_rotary_pallas(*a, num_heads=hq, window=window, out_rows=out_rows,
-                                                                    bias=bias, block_k=4, splits=2, interpret=True))
+                                                                    block_k=4, splits=2, interpret=True))
 
   def first_rotate(x, c, s_, ck, cv, cp, pos):
-    heads = (x[:b] if bias is None else x[:b] + bias).reshape(b, hq + 2 * hkv, d)
+    heads = x[:b].reshape(b, hq + 2 * hkv, d)
     q = _rotate_half_reference(heads[:, :hq], c, s_)
     k = _rotate_half_reference(heads[:, hq:hq + hkv], c, s_)
     return decode_attend_and_write_pallas(q[:, None], k[:, None], heads[:, None, hq + hkv:], ck, cv, cp, pos,
@@ -382,8 +380,7 @@ def test_rotary_decode_equals_rotating_first(hq, hkv, dtype, out_rows, biased):
 @pytest.mark.parametrize("b", [1, 3])
 def test_rotary_decode_compiled_on_gpu(b):
   """The compiled kernels at the 4B attention shape (16 query heads, 2 key/value heads of 128, an 8191-slot ring,
-  bf16, the projection's bias added in the kernels): bit-identical to adding the bias and rotating q and k first,
-  ring included; row b - 1 of the batch of 3 is a padding query."""
+  bf16): bit-identical to rotating q and k first, ring included; row b - 1 of the batch of 3 is a padding query."""
   hq, hkv, d, length = 16, 2, 128, 8191
   ks = jax.random.split(jax.random.PRNGKey(b), 4)
   ring = (jax.random.normal(ks[0], (b, length, hkv, d), jnp.bfloat16),
@@ -391,7 +388,6 @@ def test_rotary_decode_compiled_on_gpu(b):
           jnp.broadcast_to(jnp.arange(length, dtype=jnp.int32), (b, length)))
   rows = max(b, 2)
   qkv = jax.random.normal(ks[2], (rows, (hq + 2 * hkv) * d), jnp.bfloat16)
-  bias = jax.random.normal(jax.random.fold_in(ks[2], 1), ((hq + 2 * hkv) * d,), jnp.bfloat16)
   angles = jax.random.uniform(ks[3], (b, d // 2), jnp.float32, 0.0, 6.3)
   cos, sin = jnp.cos(jnp.concatenate([angles] * 2, -1)), jnp.sin(jnp.concatenate([angles] * 2, -1))
   pos = (length + 5 - 3 * jnp.arange(b, dtype=jnp.int32))[:, None]
@@ -400,14 +396,14 @@ def test_rotary_decode_compiled_on_gpu(b):
 
   @jax.jit
   def first_rotate(qkv, ck, cv, cp):
-    heads = (qkv[:b] + bias).reshape(b, hq + 2 * hkv, d)
+    heads = qkv[:b].reshape(b, hq + 2 * hkv, d)
     q = _rotate_half_reference(heads[:, :hq], cos, sin)
     k = _rotate_half_reference(heads[:, hq:hq + hkv], cos, sin)
     return decode_attend_and_write_pallas(q[:, None], k[:, None], heads[:, None, hq + hkv:], ck, cv, cp, pos,
                                           window=8192, out_rows=rows)
 
   fused = jax.jit(lambda qkv, ck, cv, cp: decode_attend_and_write_rotary_pallas(
-      qkv, cos, sin, ck, cv, cp, pos, num_heads=hq, window=8192, bias=bias, out_rows=rows))
+      qkv, cos, sin, ck, cv, cp, pos, num_heads=hq, window=8192, out_rows=rows))
   for a, r in zip(fused(qkv, *ring), first_rotate(qkv, *ring)):
     np.testing.assert_array_equal(np.asarray(a.astype(jnp.float32)), np.asarray(r.astype(jnp.float32)))
 
@@ -423,9 +419,6 @@ def test_rotary_decode_shape_checks():
   with pytest.raises(ValueError, match="qkv must be"):
     decode_attend_and_write_rotary_pallas(jnp.zeros((1, 16 * 32)), cs, cs, *ring, jnp.zeros((1, 1), jnp.int32),
                                           num_heads=16, window=None)
-  with pytest.raises(ValueError, match="bias must be"):
-    decode_attend_and_write_rotary_pallas(jnp.zeros((1, 20 * 32)), cs, cs, *ring, jnp.zeros((1, 1), jnp.int32),
-                                          num_heads=16, window=None, bias=jnp.zeros((32,)))
   with pytest.raises(ValueError, match="does not take"):
     decode_attend_and_write_rotary_pallas(jnp.zeros((1, 8 * 32)), cs, cs, *ring, jnp.zeros((1, 1), jnp.int32),
                                           num_heads=4, window=None)

@@ -8,8 +8,7 @@ from flax import nnx
 
 from infinitevl_jax import ops
 from infinitevl_jax.config import SWA, TextConfig
-from infinitevl_jax.modeling.layers import (check_step_rows, fuse_linears, linear, padded_row_count, product_and_bias,
-                                            split_last)
+from infinitevl_jax.modeling.layers import check_step_rows, fuse_linears, linear, padded_row_count, split_last
 from infinitevl_jax.modeling.rope import apply_rotary
 
 
@@ -67,11 +66,10 @@ class Attention(nnx.Module):
         rows = padded_row_count(B) if C == 1 else B  # decode: the o_proj input at the rows its product runs with
         if C == 1 and self.qkv_proj is not None and ops.rotary_decode_kernels(
                 self.num_heads, self.num_kv_heads, self.head_dim, cache[0].shape[1]):
-            # the decode kernels read the product as it leaves its GEMM, and add the bias and rotate q and k themselves
-            qkv, bias = product_and_bias(self.qkv_proj, x)
-            o, *new = ops.attention_decode_rotary(qkv.reshape(R, -1), bias, cos[:B, 0], sin[:B, 0], *cache,
-                                                  q_positions, num_heads=self.num_heads, window=self.window,
-                                                  out_rows=rows)
+            # the decode kernels read the projection as it comes out of its product and rotate q and k themselves
+            qkv = self.qkv_proj(x).reshape(R, -1)
+            o, *new = ops.attention_decode_rotary(qkv, cos[:B, 0], sin[:B, 0], *cache, q_positions,
+                                                  num_heads=self.num_heads, window=self.window, out_rows=rows)
         else:
             q, k, v = self.project(x, cos, sin, rows=B)
             o, *new = ops.attention_with_cache_update(q, k, v, *cache, q_positions, window=self.window,

@@ -100,17 +100,6 @@ def fuse_linears(linears, *, delete: bool = False) -> nnx.Linear:
     return fused
 
 
-def product_and_bias(lin: nnx.Linear, x: jax.Array) -> tuple[jax.Array, jax.Array | None]:
-    """``lin(x)`` less its bias, and the bias (None without one), in ``lin``'s compute dtype: for a consumer that adds
-    the bias itself (a kernel reading the product as it leaves its GEMM, which XLA would otherwise follow with an add
-    kernel). ``product + bias`` in that dtype is ``lin(x)``."""
-    if lin.bias is None:
-        return lin(x), None
-    x, kernel, bias = lin.promote_dtype((x, lin.kernel[...], lin.bias[...]), dtype=lin.dtype)
-    kw = {} if lin.preferred_element_type is None else {"preferred_element_type": lin.preferred_element_type}
-    return lin.dot_general(x, kernel, (((x.ndim - 1,), (0,)), ((), ())), precision=lin.precision, **kw), bias
-
-
 def split_last(y: jax.Array, sizes) -> tuple[jax.Array, ...]:
     """``y [..., sum(sizes)]`` as consecutive pieces of the given sizes along the last axis."""
     offsets = [0]

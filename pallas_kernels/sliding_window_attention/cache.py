@@ -271,34 +271,21 @@ DECODE_BLOCK_K = 64
 DECODE_ROWS = 16  # query rows per program (the heads of a kv group, padded: Triton dots take >= 16 rows)
 
 
-def _biased(x_ref, bias_ref, part=None):
-  """``x_ref`` (or its columns ``part``) plus ``bias_ref``'s (None: no bias), rounded to x's dtype as a biased
-  product would be, in float32."""
-  idx = (Ellipsis,) if part is None else (Ellipsis, part)
-  x = x_ref[idx]
-  if bias_ref is not None:
-    x = (x.astype(jnp.float32) + bias_ref[idx].astype(jnp.float32)).astype(x_ref.dtype)
-  return x.astype(jnp.float32)
-
-
-def _rotate_halves(x_ref, cos_ref, sin_ref, dtype, bias_ref=None):
-  """The rotate-half rotary embedding of ``x_ref [..., D]`` (read as its two halves, ``bias_ref``'s added first)
-  with ``cos, sin [D]``, in float32, returned as its two halves rounded to ``dtype`` (what an XLA rotary before the
-  kernel would give)."""
+def _rotate_halves(x_ref, cos_ref, sin_ref, dtype):
+  """The rotate-half rotary embedding of ``x_ref [..., D]`` (read as its two halves) with ``cos, sin [D]``, in
+  float32, returned as its two halves rounded to ``dtype`` (what an XLA rotary before the kernel would give)."""
   h = x_ref.shape[-1] // 2
-  xa = _biased(x_ref, bias_ref, pl.ds(0, h))
-  xb = _biased(x_ref, bias_ref, pl.ds(h, h))
+  xa = x_ref[..., pl.ds(0, h)].astype(jnp.float32)
+  xb = x_ref[..., pl.ds(h, h)].astype(jnp.float32)
   ca, cb = cos_ref[pl.ds(0, h)].astype(jnp.float32), cos_ref[pl.ds(h, h)].astype(jnp.float32)
   sa, sb = sin_ref[pl.ds(0, h)].astype(jnp.float32), sin_ref[pl.ds(h, h)].astype(jnp.float32)
   return (xa * ca - xb * sa).astype(dtype), (xb * cb + xa * sb).astype(dtype)
 
 
-def _decode_kernel(*refs, qk_scale, window, bk, length, per_split, rotary, bias):
-  if rotary:  # q rows unrotated (and unbiased, with ``bias``), with the row's rotary cos / sin
-    q_ref, *refs = refs
-    bias_ref = refs.pop(0) if bias else None
-    cos_ref, sin_ref, qp_ref, ck_ref, cv_ref, cp_ref, acc_ref, m_ref, l_ref = refs
-    q = _rotate_halves(q_ref, cos_ref, sin_ref, ck_ref.dtype, bias_ref)  # ([R, D/2], [R, D/2])
+def _decode_kernel(*refs, qk_scale, window, bk, length, per_split, rotary):
+  if rotary:  # q rows unrotated, with the row's rotary cos / sin
+    q_ref, cos_ref, sin_ref, qp_ref, ck_ref, cv_ref, cp_ref, acc_ref, m_ref, l_ref = refs
+    q = _rotate_halves(q_ref, cos_ref, sin_ref, ck_ref.dtype)  # ([R, D/2], [R, D/2])
   else:
     q_ref, qp_ref, ck_ref, cv_ref, cp_ref, acc_ref, m_ref, l_ref = refs
     q = q_ref[...]  # [R, D]
@@ -351,10 +338,10 @@ def _decode_partials(q, cache_k, cache_v, cache_positions, q_positions, *, windo
   and l = acc = 0). Row ``i`` of kv head ``h``'s partials is query head ``h * G + i`` (G = Hq / Hkv), rows past G
   padding.
 
-  ``rotary = (hq, cos, sin, bias)``: ``q`` is instead the unrotated projection ``[R >= B, Hq + 2 Hkv, D]`` (query
-  heads first) and the kernel adds ``bias [Hq + 2 Hkv, D]`` (None: none) and applies the rotary embedding (``cos, sin
-  [B, D]``) as it reads it, taking whole ``rows``-head blocks of it (``rotary_decode_supported``); row ``i`` of kv
-  head ``h``'s partials is then query head ``(h * G) // rows * rows + i``."""
+  ``rotary = (hq, cos, sin)``: ``q`` is instead the unrotated projection ``[R >= B, Hq + 2 Hkv, D]`` (query heads
+  first) and the kernel applies the rotary embedding (``cos, sin [B, D]``) as it reads it, taking whole ``rows``-head
+  blocks of it (``rotary_decode_supported``); row ``i`` of kv head ``h``'s partials is then query head
+  ``(h * G) // rows * rows + i``."""
   b = cache_k.shape[0]
   d = q.shape[-1]
   hq = q.shape[2] if rotary is None else rotary[0]
@@ -374,17 +361,14 @@ def _decode_partials(q, cache_k, cache_v, cache_positions, q_positions, *, windo
     q_in = [rows, rpos]
     q_specs = [pl.BlockSpec((None, None, rows_n, d), lambda bh, i: (bh // hkv, bh % hkv, 0, 0)), pos_spec]
   else:
-    _, cos, sin, bias = rotary
+    _, cos, sin = rotary
     row_spec = pl.BlockSpec((None, d), lambda bh, i: (bh // hkv, 0))
-    q_block = lambda bh, i: (bh // hkv, (bh % hkv) * g // rows_n, 0)
-    q_in = [q] + ([] if bias is None else [bias]) + [cos, sin, rpos]
-    q_specs = ([pl.BlockSpec((None, rows_n, d), q_block)]
-               + ([] if bias is None else [pl.BlockSpec((rows_n, d), lambda bh, i: q_block(bh, i)[1:])])
-               + [row_spec, row_spec, pos_spec])
+    q_in = [q, cos, sin, rpos]
+    q_specs = [pl.BlockSpec((None, rows_n, d), lambda bh, i: (bh // hkv, (bh % hkv) * g // rows_n, 0)), row_spec,
+               row_spec, pos_spec]
   return pl.pallas_call(
       functools.partial(_decode_kernel, qk_scale=qk_scale, window=window, bk=block_k, length=length,
-                        per_split=per_split, rotary=rotary is not None,
-                        bias=rotary is not None and rotary[3] is not None),
+                        per_split=per_split, rotary=rotary is not None),
       grid=(b * hkv, n_splits),
       in_specs=[*q_specs, kv_spec, kv_spec, pl.BlockSpec((None, length), lambda bh, i: (bh // hkv, 0))],
       out_specs=[pl.BlockSpec((None, None, rows_n, d), lambda bh, i: (bh, i, 0, 0)),
@@ -436,10 +420,7 @@ def attend_to_cache_decode_pallas(q, k, v, cache_k, cache_v, cache_positions, q_
 
 
 def _combine_write_kernel(acc_ref, m_ref, l_ref, q_ref, k_ref, v_ref, *refs, qk_scale, rows, heads, group, length,
-                          rotary, bias):
-  bq_ref = bk_ref = bv_ref = None
-  if bias:
-    bq_ref, bk_ref, bv_ref, *refs = refs
+                          rotary):
   if rotary:
     cos_ref, sin_ref, qp_ref, ck_ref, cv_ref, cp_ref, o_ref, ck_out, cv_out, cp_out = refs
   else:
@@ -455,8 +436,8 @@ def _combine_write_kernel(acc_ref, m_ref, l_ref, q_ref, k_ref, v_ref, *refs, qk_
     live = qpos >= 0
     m, l, acc = m_ref[...], l_ref[...], acc_ref[...]  # [S], [S], [S, D]
     if rotary:  # the new key and the query rotated here, each as its two halves
-      kn = _rotate_halves(k_ref, cos_ref, sin_ref, ck_out.dtype, bk_ref)
-      qn = _rotate_halves(q_ref, cos_ref, sin_ref, ck_out.dtype, bq_ref)
+      kn = _rotate_halves(k_ref, cos_ref, sin_ref, ck_out.dtype)
+      qn = _rotate_halves(q_ref, cos_ref, sin_ref, ck_out.dtype)
       qk = sum(jnp.sum(a.astype(f32) * b.astype(f32)) for a, b in zip(qn, kn))
     else:
       kn = k_ref[...]
@@ -466,8 +447,7 @@ def _combine_write_kernel(acc_ref, m_ref, l_ref, q_ref, k_ref, v_ref, *refs, qk_
     w = jnp.exp2(m - top)
     w_new = jnp.where(live, jnp.exp2(s_new - top), 0.0)
     den = jnp.sum(l * w) + w_new
-    vn = _biased(v_ref, bv_ref)
-    num = jnp.sum(acc * w[:, None], axis=0) + w_new * vn
+    num = jnp.sum(acc * w[:, None], axis=0) + w_new * v_ref[...].astype(f32)
     o_ref[...] = (num / jnp.where(den == 0.0, 1.0, den)).astype(o_ref.dtype)
     first = n % group == 0  # one program per (row, kv head) writes the new key and value into slot position % L
 
@@ -480,7 +460,7 @@ def _combine_write_kernel(acc_ref, m_ref, l_ref, q_ref, k_ref, v_ref, *refs, qk_
         ck_out[pl.ds(slot, 1), pl.ds(half, half)] = kn[1][None, :]
       else:
         ck_out[pl.ds(slot, 1), :] = kn[None, :].astype(ck_out.dtype)
-      cv_out[pl.ds(slot, 1), :] = vn[None, :].astype(cv_out.dtype)
+      cv_out[pl.ds(slot, 1), :] = v_ref[...][None, :].astype(cv_out.dtype)
 
     @pl.when(live & (n % heads == 0))
     def _():
@@ -492,10 +472,10 @@ def _combine_write_kernel(acc_ref, m_ref, l_ref, q_ref, k_ref, v_ref, *refs, qk_
 
 
 def _combine_and_write(acc, m, l, cache_k, cache_v, cache_positions, q_positions, q_args, q_specs, *, b, hq, hkv,
-                       qk_scale, out_rows, partial_row, rotary, bias, num_warps, interpret):
+                       qk_scale, out_rows, partial_row, rotary, num_warps, interpret):
   """The combine kernel over ``out_rows x Hq`` programs: ``q_args`` / ``q_specs`` are the query, new key and new value
-  (then with ``bias`` their three bias rows, and with ``rotary`` the cos / sin rows) and their per-program blocks;
-  ``partial_row(n)``: the row of the partials holding program ``n``'s query head."""
+  (and with ``rotary`` the cos / sin rows) and their per-program blocks; ``partial_row(n)``: the row of the
+  partials holding program ``n``'s query head."""
   d = cache_k.shape[-1]
   g = hq // hkv
   length = cache_k.shape[1]
@@ -507,7 +487,7 @@ def _combine_and_write(acc, m, l, cache_k, cache_v, cache_positions, q_positions
   n_in = 3 + len(q_args) + 1
   o, ck, cv, cp = pl.pallas_call(
       functools.partial(_combine_write_kernel, qk_scale=qk_scale, rows=b, heads=hq, group=g, length=length,
-                        rotary=rotary, bias=bias),
+                        rotary=rotary),
       grid=(out_rows * hq,),
       in_specs=[pl.BlockSpec((None, n_splits, None, d), lambda n: (part(n), 0, partial_row(n), 0)),
                 pl.BlockSpec((None, n_splits, None), lambda n: (part(n), 0, partial_row(n))),
@@ -557,7 +537,7 @@ def decode_attend_and_write_pallas(q, k, v, cache_k, cache_v, cache_positions, q
   return _combine_and_write(acc, m, l, cache_k, cache_v, cache_positions, q_positions,
                             [q.reshape(b, hq, d), k.reshape(b, hkv, d), v.reshape(b, hkv, d)], q_specs, b=b, hq=hq,
                             hkv=hkv, qk_scale=qk_scale, out_rows=out_rows, partial_row=lambda n: n % g, rotary=False,
-                            bias=False, num_warps=num_warps, interpret=interpret)
+                            num_warps=num_warps, interpret=interpret)
 
 
 def rotary_decode_supported(num_heads: int, num_kv_heads: int, head_dim: int, ring_length: int,
@@ -574,22 +554,19 @@ def rotary_decode_supported(num_heads: int, num_kv_heads: int, head_dim: int, ri
 
 
 def decode_attend_and_write_rotary_pallas(qkv, cos, sin, cache_k, cache_v, cache_positions, q_positions, *,
-                                          num_heads, window, bias=None, scale=None, out_rows=None, splits=None,
-                                          block_k=None, num_warps=4, num_stages=2, interpret=None):
+                                          num_heads, window, scale=None, out_rows=None, splits=None, block_k=None,
+                                          num_warps=4, num_stages=2, interpret=None):
   """``decode_attend_and_write_pallas`` from the attention layer's fused, unrotated projection: ``qkv [R >= B, (Hq +
-  2 Hkv) D]`` (query heads, then key heads, then value heads; rows past B ignored), its ``bias [(Hq + 2 Hkv) D]``
-  if the product left it out (None: none; added in float32 and rounded to qkv's dtype, as the biased product would
-  be) and the token's rotary ``cos, sin [B, D]`` (rotate-half convention, float32). Both kernels apply the rotary
-  embedding to what they read (rounded to the cache's dtype, as a rotary before them would), so no XLA op sits
-  between the projection's GEMM and the kernels. Same results and returns as ``decode_attend_and_write_pallas`` on
-  the split, biased, rotated q, k, v; shapes must pass ``rotary_decode_supported``."""
+  2 Hkv) D]`` (query heads, then key heads, then value heads; rows past B ignored) and the token's rotary
+  ``cos, sin [B, D]`` (rotate-half convention, float32). Both kernels apply the rotary embedding to what they read
+  (rounded to the cache's dtype, as a rotary before them would), so no XLA op sits between the projection and the
+  kernels. Same results and returns as ``decode_attend_and_write_pallas`` on the split, rotated q, k, v; shapes must
+  pass ``rotary_decode_supported``."""
   b, _, hkv, d = cache_k.shape
   hq = num_heads
   if qkv.ndim != 2 or qkv.shape[0] < b or qkv.shape[1] != (hq + 2 * hkv) * d:
     raise ValueError(f"qkv must be [R >= {b}, {(hq + 2 * hkv) * d}] for {hq} query and {hkv} key/value heads of "
                      f"{d}, got {qkv.shape}")
-  if bias is not None and bias.shape != (qkv.shape[1],):
-    raise ValueError(f"bias must be [{qkv.shape[1]}], got {bias.shape}")
   if cos.shape != (b, d) or sin.shape != (b, d) or q_positions.shape != (b, 1):
     raise ValueError(f"cos, sin must be [{b}, {d}] and q_positions [{b}, 1], got {cos.shape}, {sin.shape}, "
                      f"{q_positions.shape}")
@@ -603,20 +580,18 @@ def decode_attend_and_write_rotary_pallas(qkv, cos, sin, cache_k, cache_v, cache
   rows_n = max(DECODE_ROWS, 1 << (g - 1).bit_length())
   qk_scale = scale * math.log2(math.e)
   heads = qkv.reshape(qkv.shape[0], hq + 2 * hkv, d)
-  bias = None if bias is None else bias.reshape(hq + 2 * hkv, d)
   cos, sin = cos.astype(jnp.float32), sin.astype(jnp.float32)
   acc, m, l = _decode_partials(heads, cache_k, cache_v, cache_positions, q_positions, window=window,
                                qk_scale=qk_scale, hkv=hkv, splits=DECODE_SPLITS if splits is None else splits,
                                block_k=block_k, num_warps=num_warps, num_stages=num_stages, interpret=interpret,
-                               rotary=(hq, cos, sin, bias))
+                               rotary=(hq, cos, sin))
   interpret = _compat.gpu_interpret() if interpret is None else interpret
   r_ = lambda n: jnp.minimum(n // hq, b - 1)
-  first = (lambda n: n % hq, lambda n: hq + (n % hq) // g, lambda n: hq + hkv + (n % hq) // g)  # q, k, v heads
-  heads_specs = [pl.BlockSpec((None, None, d), lambda n, f=f: (r_(n), f(n), 0)) for f in first]
-  bias_specs = [] if bias is None else [pl.BlockSpec((None, d), lambda n, f=f: (f(n), 0)) for f in first]
+  head = lambda first: pl.BlockSpec((None, None, d), lambda n: (r_(n), first(n), 0))
   row = pl.BlockSpec((None, d), lambda n: (r_(n), 0))
+  q_specs = [head(lambda n: n % hq), head(lambda n: hq + (n % hq) // g), head(lambda n: hq + hkv + (n % hq) // g),
+             row, row]
   return _combine_and_write(acc, m, l, cache_k, cache_v, cache_positions, q_positions,
-                            [heads] * 3 + [bias] * len(bias_specs) + [cos, sin], heads_specs + bias_specs + [row, row],
-                            b=b, hq=hq, hkv=hkv, qk_scale=qk_scale, out_rows=out_rows,
-                            partial_row=lambda n: (n % hq) % rows_n, rotary=True, bias=bias is not None,
+                            [heads, heads, heads, cos, sin], q_specs, b=b, hq=hq, hkv=hkv, qk_scale=qk_scale,
+                            out_rows=out_rows, partial_row=lambda n: (n % hq) % rows_n, rotary=True,
                             num_warps=num_warps, interpret=interpret)
