@@ -109,6 +109,12 @@ def attention_with_cache(q, k, v, cache_k, cache_v, cache_positions, q_positions
         ("b.h.", "b.h.", "b.h.", "b.h.", "b.h.", "b.", "b."), "b.h.", heads=k.shape[2])
 
 
+def _cache_backend() -> str:
+    """The attention choice for the cache path: cuDNN has none, so "cudnn" means "auto" there."""
+    chosen = backend("attention")
+    return "auto" if chosen == "cudnn" else chosen
+
+
 def attention_with_cache_update(q, k, v, cache_k, cache_v, cache_positions, q_positions, *, window: int | None,
                                 out_rows: int | None = None):
     """``attention_with_cache`` and the ring-buffer write of the same chunk (decode on GPUs: one kernel pair that
@@ -116,8 +122,7 @@ def attention_with_cache_update(q, k, v, cache_k, cache_v, cache_positions, q_po
     ``o`` past B zeros."""
     from pallas_kernels import sliding_window_attention as swa
 
-    chosen = backend("attention")
-    chosen = "auto" if chosen == "cudnn" else chosen  # cuDNN has no cache path
+    chosen = _cache_backend()
     # On a mesh of several devices: the two steps, the attention through ``attention_with_cache`` (per-device kernel
     # under shard_map), the write on the whole (sharded) ring.
     attend = None if sharding.current_mesh() is None else (
@@ -132,10 +137,7 @@ def rotary_decode_kernels(num_heads: int, num_kv_heads: int, head_dim: int, ring
     from pallas_kernels import sliding_window_attention as swa
     from pallas_kernels.sliding_window_attention import cache as swa_cache
 
-    chosen = backend("attention")
-    chosen = "auto" if chosen == "cudnn" else chosen
-    kernel = chosen == "pallas_gpu" or chosen == "auto" and swa.choose_cache_backend(1) == "pallas_gpu"
-    return (kernel and sharding.current_mesh() is None
+    return (swa.decode_kernels_chosen(_cache_backend(), 1) and sharding.current_mesh() is None
             and swa_cache.rotary_decode_supported(num_heads, num_kv_heads, head_dim, ring_length))
 
 

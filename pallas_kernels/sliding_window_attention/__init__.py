@@ -7,6 +7,7 @@ from pallas_kernels.sliding_window_attention.attention import (
     attend_to_cache_and_write,
     choose_backend,
     choose_cache_backend,
+    decode_kernels_chosen,
     ring_buffer_write,
     sliding_window_attention,
 )
@@ -31,6 +32,7 @@ __all__ = [
     "attention_reference",
     "choose_backend",
     "choose_cache_backend",
+    "decode_kernels_chosen",
     "init_ring_buffer",
     "ring_buffer_write",
     "sliding_window_attention",

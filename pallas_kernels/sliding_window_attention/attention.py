@@ -82,6 +82,12 @@ def choose_cache_backend(chunk: int) -> str:
   return "xla"  # also the TPU path: a chunk against <= window keys is one fused op
 
 
+def decode_kernels_chosen(backend: str, chunk: int) -> bool:
+  """Whether ``backend`` ("auto" resolved by ``choose_cache_backend``) puts a cache step of ``chunk`` queries per row
+  on the GPU kernels."""
+  return backend == "pallas_gpu" or backend == "auto" and choose_cache_backend(chunk) == "pallas_gpu"
+
+
 def attend_to_cache(q, k, v, cache_k, cache_v, cache_positions, q_positions, *, window,
                     scale=None, backend="auto"):
   """Attention of a chunk ``q [B,C,Hq,D]`` (keys ``k, v [B,C,Hkv,D]``) against a ring-buffer
@@ -118,8 +124,7 @@ def attend_to_cache_and_write(q, k, v, cache_k, cache_v, cache_positions, q_posi
   out_rows = b if out_rows is None else out_rows
   if out_rows < b:
     raise ValueError(f"out_rows ({out_rows}) must be at least the batch ({b})")
-  kernel = backend == "pallas_gpu" or backend == "auto" and choose_cache_backend(c) == "pallas_gpu"
-  if attend is None and kernel and c == 1:
+  if attend is None and c == 1 and decode_kernels_chosen(backend, c):
     o, *new = _cache.decode_attend_and_write_pallas(q, k, v, cache_k, cache_v, cache_positions, q_positions,
                                                      window=window, scale=scale, out_rows=out_rows)
     return (o[:, None], *new)

@@ -471,6 +471,12 @@ def _combine_write_kernel(acc_ref, m_ref, l_ref, q_ref, k_ref, v_ref, *refs, qk_
     o_ref[...] = jnp.zeros(o_ref.shape, o_ref.dtype)
 
 
+def _program_row(n, hq, b):
+  """The batch row whose inputs program ``n`` of the combine grid (``out_rows x Hq``) reads: rows past B read row
+  B - 1's blocks (and write only zeros)."""
+  return jnp.minimum(n // hq, b - 1)
+
+
 def _combine_and_write(acc, m, l, cache_k, cache_v, cache_positions, q_positions, q_args, q_specs, *, b, hq, hkv,
                        qk_scale, out_rows, partial_row, rotary, num_warps, interpret):
   """The combine kernel over ``out_rows x Hq`` programs: ``q_args`` / ``q_specs`` are the query, new key and new value
@@ -480,7 +486,7 @@ def _combine_and_write(acc, m, l, cache_k, cache_v, cache_positions, q_positions
   g = hq // hkv
   length = cache_k.shape[1]
   n_splits = m.shape[1]
-  r_ = lambda n: jnp.minimum(n // hq, b - 1)  # rows past B read row B - 1's blocks (and write only zeros)
+  r_ = functools.partial(_program_row, hq=hq, b=b)
   part = lambda n: r_(n) * hkv + (n % hq) // g
   ring = pl.BlockSpec((None, length, None, d), lambda n: (r_(n), 0, (n % hq) // g, 0))
   pos = pl.BlockSpec((None, length), lambda n: (r_(n), 0))
@@ -531,7 +537,7 @@ def decode_attend_and_write_pallas(q, k, v, cache_k, cache_v, cache_positions, q
                                hkv=hkv, splits=DECODE_SPLITS if splits is None else splits, block_k=block_k,
                                num_warps=num_warps, num_stages=num_stages, interpret=interpret)
   interpret = _compat.gpu_interpret() if interpret is None else interpret
-  r_ = lambda n: jnp.minimum(n // hq, b - 1)
+  r_ = functools.partial(_program_row, hq=hq, b=b)
   vec_kv = pl.BlockSpec((None, None, d), lambda n: (r_(n), (n % hq) // g, 0))
   q_specs = [pl.BlockSpec((None, None, d), lambda n: (r_(n), n % hq, 0)), vec_kv, vec_kv]
   return _combine_and_write(acc, m, l, cache_k, cache_v, cache_positions, q_positions,
@@ -586,7 +592,7 @@ def decode_attend_and_write_rotary_pallas(qkv, cos, sin, cache_k, cache_v, cache
                                block_k=block_k, num_warps=num_warps, num_stages=num_stages, interpret=interpret,
                                rotary=(hq, cos, sin))
   interpret = _compat.gpu_interpret() if interpret is None else interpret
-  r_ = lambda n: jnp.minimum(n // hq, b - 1)
+  r_ = functools.partial(_program_row, hq=hq, b=b)
   head = lambda first: pl.BlockSpec((None, None, d), lambda n: (r_(n), first(n), 0))
   row = pl.BlockSpec((None, d), lambda n: (r_(n), 0))
   q_specs = [head(lambda n: n % hq), head(lambda n: hq + (n % hq) // g), head(lambda n: hq + hkv + (n % hq) // g),
