@@ -30,6 +30,7 @@ import jax.numpy as jnp  # noqa: E402
 
 from pallas_kernels.sliding_window_attention import attention_reference  # noqa: E402
 from pallas_kernels.sliding_window_attention import sliding_window_attention  # noqa: E402
+from pallas_kernels.sliding_window_attention import flash_mosaic  # noqa: E402
 from pallas_kernels.sliding_window_attention.flash_gpu import flash_attention  # noqa: E402
 from pallas_kernels.sliding_window_attention.reference import attention_blockwise  # noqa: E402
 
@@ -240,13 +241,75 @@ def decode_case(res, c, args):
   print(res[-2:], flush=True)
 
 
+MOSAIC_VARIANTS = {
+    "mosaic_q64k128s2": dict(block_q=64, block_k=128, stages=2, pingpong=True),
+    "mosaic_q64k128s2_nopp": dict(block_q=64, block_k=128, stages=2, pingpong=False),
+    "mosaic_q64k128s3": dict(block_q=64, block_k=128, stages=3, pingpong=True),
+    "mosaic_q64k64s4": dict(block_q=64, block_k=64, stages=4, pingpong=True),
+}
+
+
+def mosaic_ab(args):
+  """The Mosaic GPU forward (flash_mosaic) beside our Triton kernel and cuDNN windowed: correctness of every
+  variant first (forward and gradients against the float32 reference), then forward and forward+backward times."""
+  variants = {n: MOSAIC_VARIANTS[n] for n in args.mosaic_variants.split(",")}
+  res = dict(meta=dict(device=jax.devices()[0].device_kind, jax=jax.__version__, date=time.strftime("%Y-%m-%d"),
+                       variants=variants), checks=[], rows=[])
+  key = jax.random.PRNGKey(11)
+  f32 = lambda x: x.astype(jnp.float32)
+  for i, (b, t, w) in enumerate([(1, 4096, 1024), (2, 4000, 700), (1, 3000, None), (1, 1024, 8192)]):
+    q, k, v, do = inputs(jax.random.fold_in(key, i), b, t)
+    ref = lambda q, k, v: attention_reference(q, k, v, window=w)
+    o_ref, vjp_ref = jax.vjp(ref, f32(q), f32(k), f32(v))
+    g_ref = vjp_ref(f32(do))
+    for name, cfg in variants.items():
+      try:
+        fn = jax.jit(lambda q, k, v, cfg=cfg: flash_mosaic.flash_attention(q, k, v, window=w, **cfg))
+        o, vjp = jax.vjp(fn, q, k, v)
+        errs = [rel(o, o_ref)] + [rel(a, b_) for a, b_ in zip(vjp(do), g_ref)]
+        ok = bool(jnp.all(jnp.isfinite(f32(o)))) and max(errs) < 2e-2
+        res["checks"].append(dict(case=(b, t, w), impl=name, errors=errs, ok=ok))
+        print(f"check b={b} t={t} w={w} {name:24s} o {errs[0]:.2e} dq {errs[1]:.2e} dk {errs[2]:.2e} "
+              f"dv {errs[3]:.2e} {'OK' if ok else 'FAIL'}", flush=True)
+      except Exception as e:
+        traceback.print_exc()
+        res["checks"].append(dict(case=(b, t, w), impl=name, error=repr(e)[:800]))
+  for t in [int(x) for x in args.lengths.split(",")]:
+    q, k, v, do = inputs(jax.random.PRNGKey(t), 1, t)
+    fns = dict(impls(W))
+    fns.pop("cudnn_full")
+    for name, cfg in variants.items():
+      fns[name] = lambda q, k, v, cfg=cfg: flash_mosaic.flash_attention(q, k, v, window=W, **cfg)
+    for name, fn in fns.items():
+      f, fb = fwd_and_bwd(fn)
+      modes = (("fwd", f, (q, k, v)),) if name.startswith("mosaic") and name != args.mosaic_bwd else \
+          (("fwd", f, (q, k, v)), ("fwd+bwd", fb, (q, k, v, do)))
+      for mode, g, a in modes:
+        try:
+          med, lo, hi = timeit(g, *a, reps=args.reps)
+        except Exception as e:
+          traceback.print_exc()
+          res["rows"].append(dict(t=t, impl=name, mode=mode, error=repr(e)[:500]))
+          continue
+        res["rows"].append(dict(t=t, impl=name, mode=mode, ms=med, ms_min=lo, ms_max=hi))
+        print(f"T={t:6d} {name:24s} {mode:7s} {med:9.3f} ms", flush=True)
+  with open(os.path.join(os.environ.get("OUT", "."), "swa_mosaic.json"), "w") as fh:
+    json.dump(res, fh, indent=1)
+
+
 def main():
   ap = argparse.ArgumentParser()
   ap.add_argument("--reps", type=int, default=10)
   ap.add_argument("--lengths", default="32768,65536,131072")
   ap.add_argument("--no-sweep", action="store_true")
   ap.add_argument("--tune", action="store_true", help="only the variant/decode comparison")
+  ap.add_argument("--mosaic-ab", action="store_true", help="only the Mosaic GPU forward's variants vs ours and cuDNN")
+  ap.add_argument("--mosaic-variants", default=",".join(MOSAIC_VARIANTS))
+  ap.add_argument("--mosaic-bwd", default="mosaic_q64k128s2", help="the variant also timed forward+backward")
   args = ap.parse_args()
+  if args.mosaic_ab:
+    mosaic_ab(args)
+    return
   if args.tune:
     print(dict(device=jax.devices()[0].device_kind, jax=jax.__version__), flush=True)
     res = tune(65536, args.reps)

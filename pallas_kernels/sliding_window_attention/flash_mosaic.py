@@ -1,0 +1,255 @@
+"""Sliding-window flash attention forward for Hopper GPUs (sm90), in Pallas's Mosaic GPU lowering.
+
+The Triton lowering (``flash_gpu``) gives each program one instruction stream: the tensor-core products, the
+softmax and the loads take turns. Here each program (CTA) is three warpgroups:
+  - one *memory* warpgroup streams the kv head's key and value blocks of the window into a ring of ``stages``
+    shared-memory slots with TMA copies, refilling a slot once both compute warpgroups have released it;
+  - two *compute* warpgroups each own ``block_q`` query rows (the CTA covers ``2 * block_q`` consecutive rows of
+    one query head) and run the online softmax over the same key blocks with asynchronous wgmma products;
+  - with ``pingpong`` the compute warpgroups take turns on the tensor cores through a shared barrier: while one
+    runs its softmax (exp2 on the SFU, reductions) the other's products run.
+
+The window and causality are the ``flash_gpu`` rule (query ``t`` sees keys ``(t - window, t]``); the CTA walks the
+key blocks its rows can see, and each compute warpgroup masks only the blocks that cross its rows' window edge or
+diagonal. Softmax in base 2 with ``scale * log2(e)`` applied to the float32 scores; the saved log-sum-exp
+``[B, Hq, T]`` (base 2) is the one ``flash_gpu``'s backward kernels take, so the gradient is theirs.
+
+No segment ids (packed batches go to ``flash_gpu``); ``T`` is padded to a multiple of ``2 * block_q`` and
+``block_k`` (padded keys lie after every real query). Runs only compiled on an sm90 GPU; on other hosts the
+kernel can be lowered (``lower(lowering_platforms=("cuda",))``) but not run.
+"""
+
+from __future__ import annotations
+
+import functools
+import math
+
+import jax
+import jax.numpy as jnp
+from jax import lax
+from jax.experimental import pallas as pl
+
+from pallas_kernels.sliding_window_attention import flash_gpu
+
+LOG2E = math.log2(math.e)
+NEG = -1e30  # finite start of the running max: a row whose first blocks are all masked keeps alpha = 1, p = 0
+
+
+def _plgpu():
+  from jax.experimental.pallas import mosaic_gpu
+  return mosaic_gpu
+
+
+def supported() -> bool:
+  """Whether the default device can run the kernel: an NVIDIA Hopper (sm90) GPU."""
+  dev = jax.devices()[0]
+  try:
+    return dev.platform == "gpu" and str(getattr(dev, "compute_capability", "")).startswith("9.")
+  except (TypeError, ValueError):  # pragma: no cover
+    return False
+
+
+def _fwd(q, k, v, *, scale, window, block_q, block_k, stages, pingpong):
+  plgpu = _plgpu()
+  b, t, hq, d = q.shape
+  hkv = k.shape[2]
+  g = hq // hkv
+  nk = t // block_k
+  rows = 2 * block_q  # query rows per CTA
+  dtype = q.dtype
+  c = scale * LOG2E
+  wgmma_layout = plgpu.Layout.WGMMA
+  row_layout = plgpu.Layout.WGMMA.reduce(1)
+
+  def body(q_ref, k_ref, v_ref, o_ref, lse_ref, q_smem, k_smem, v_smem, lse_smem,
+           k_ready, v_ready, q_ready, k_free, v_free, turn):
+    bi = lax.axis_index("batch")
+    h = lax.axis_index("heads")
+    wg = lax.axis_index("wg")
+    cta_q0 = lax.axis_index("q_seq") * rows
+    lo, _, _, hi = flash_gpu._kv_block_range(cta_q0, rows, block_k, nk, window)
+    n = hi - lo  # key blocks this CTA walks (>= 1)
+
+    def take_turn():
+      plgpu.barrier_arrive(turn)
+      plgpu.barrier_wait(turn)
+
+    @pl.when(wg < 2)
+    def _compute():
+      plgpu.set_max_registers(232, action="increase")
+      q0 = cta_q0 + wg * block_q
+      my_q = q_smem.at[wg]
+      plgpu.copy_gmem_to_smem(q_ref.at[bi, pl.ds(q0, block_q), h], my_q, q_ready.at[wg])
+      plgpu.barrier_wait(q_ready.at[wg])
+      # this warpgroup's rows need no mask on blocks [lo_f, hi_f) of the CTA's [lo, hi)
+      _, lo_f, hi_f, _ = flash_gpu._kv_block_range(q0, block_q, block_k, nk, window)
+      lo_f = jnp.clip(lo_f, lo, hi)
+      hi_f = jnp.clip(hi_f, lo_f, hi)
+
+      def step(s, carry, masked):
+        acc, m_i, l_i = carry
+        slot = lax.rem(s, stages)
+        j = lo + s
+        plgpu.barrier_wait(k_ready.at[slot])
+
+        def scores(acc_ref):
+          plgpu.wgmma(acc_ref, my_q, plgpu.transpose_ref(k_smem.at[slot], (1, 0)))
+          if pingpong:
+            take_turn()
+          return acc_ref[...]
+
+        sc = pl.run_scoped(scores, plgpu.ACC((block_q, block_k), jnp.float32))
+        plgpu.barrier_arrive(k_free.at[slot])
+        sc = sc * c
+        if masked:
+          qi = q0 + plgpu.broadcasted_iota(jnp.int32, (block_q, block_k), 0, layout=wgmma_layout)
+          ki = j * block_k + plgpu.broadcasted_iota(jnp.int32, (block_q, block_k), 1, layout=wgmma_layout)
+          ok = ki <= qi
+          if window is not None:
+            ok = ok & (ki > qi - window)
+          sc = jnp.where(ok, sc, -jnp.inf)
+        m_new = jnp.maximum(m_i, sc.max(axis=1))
+        alpha = jnp.exp2(m_i - m_new)
+        p = jnp.exp2(sc - lax.broadcast_in_dim(m_new, sc.shape, [0]))
+        acc = acc * lax.broadcast_in_dim(alpha, acc.shape, [0])
+        l_i = l_i * alpha + p.sum(axis=1)
+        p16 = p.astype(dtype)
+        acc, l_i, m_new, p16 = lax.optimization_barrier((acc, l_i, m_new, p16))
+        if pingpong:
+          plgpu.barrier_arrive(turn)  # softmax done: the other warpgroup may issue its products
+        plgpu.barrier_wait(v_ready.at[slot])
+        if pingpong:
+          plgpu.barrier_wait(turn)  # and the tensor cores are ours again
+
+        def values(acc_ref):
+          plgpu.wgmma(acc_ref, p16, v_smem.at[slot])
+
+        acc = pl.run_state(values)(plgpu.ACC.init(acc))
+        plgpu.barrier_arrive(v_free.at[slot])
+        return acc, m_new, l_i
+
+      carry = (plgpu.layout_cast(jnp.zeros((block_q, d), jnp.float32), wgmma_layout),
+               plgpu.layout_cast(jnp.full((block_q,), NEG, jnp.float32), row_layout),
+               plgpu.layout_cast(jnp.zeros((block_q,), jnp.float32), row_layout))
+      if pingpong:
+        pl.when(wg == 1)(take_turn)  # offset the two warpgroups by half a step
+      carry = lax.fori_loop(0, lo_f - lo, functools.partial(step, masked=True), carry)
+      carry = lax.fori_loop(lo_f - lo, hi_f - lo, functools.partial(step, masked=False), carry)
+      acc, m_i, l_i = lax.fori_loop(hi_f - lo, n, functools.partial(step, masked=True), carry)
+      if pingpong:
+        pl.when(wg == 0)(take_turn)
+
+      acc = acc * lax.broadcast_in_dim(1.0 / l_i, acc.shape, [0])
+      my_q[...] = acc.astype(dtype)
+      lse_smem.at[wg][...] = m_i + jnp.log2(l_i)
+      plgpu.commit_smem()
+      plgpu.copy_smem_to_gmem(my_q, o_ref.at[bi, pl.ds(q0, block_q), h])
+      plgpu.copy_smem_to_gmem(lse_smem.at[wg], lse_ref.at[bi, h, pl.ds(q0, block_q)])
+      plgpu.wait_smem_to_gmem(0)
+
+    @pl.when(wg == 2)
+    def _memory():
+      plgpu.set_max_registers(40, action="decrease")
+      kvh = h // g
+
+      def fetch(s, slot):
+        src = (bi, pl.ds((lo + s) * block_k, block_k), kvh)
+        plgpu.copy_gmem_to_smem(k_ref.at[src], k_smem.at[slot], k_ready.at[slot])
+        plgpu.copy_gmem_to_smem(v_ref.at[src], v_smem.at[slot], v_ready.at[slot])
+
+      for s in range(stages):
+        pl.when(s < n)(functools.partial(fetch, s, s))
+
+      @pl.loop(stages, jnp.maximum(n, stages))
+      def _refill(s):
+        slot = lax.rem(s, stages)
+        plgpu.barrier_wait(k_free.at[slot])
+        plgpu.barrier_wait(v_free.at[slot])
+        fetch(s, slot)
+
+  tiled = dict(transforms=(plgpu.TilingTransform((8, 64)), plgpu.SwizzleTransform(128)))
+  scratch = [
+      plgpu.SMEM((2, block_q, d), dtype, **tiled),  # each compute warpgroup's q, then its output
+      plgpu.SMEM((stages, block_k, d), dtype, **tiled),
+      plgpu.SMEM((stages, block_k, d), dtype, **tiled),
+      plgpu.SMEM((2, block_q), jnp.float32),
+      plgpu.Barrier(num_barriers=stages),  # k_ready
+      plgpu.Barrier(num_barriers=stages),  # v_ready
+      plgpu.Barrier(num_barriers=2),  # q_ready
+      plgpu.Barrier(num_arrivals=2, num_barriers=stages),  # k_free
+      plgpu.Barrier(num_arrivals=2, num_barriers=stages),  # v_free
+      plgpu.Barrier(num_arrivals=2),  # turn
+  ]
+  o, lse = plgpu.kernel(
+      body,
+      out_type=(jax.ShapeDtypeStruct(q.shape, dtype), jax.ShapeDtypeStruct((b, hq, t), jnp.float32)),
+      scratch_types=scratch,
+      grid=(hq, t // rows, b),
+      grid_names=("heads", "q_seq", "batch"),
+      num_threads=3,
+      thread_name="wg",
+      compiler_params=plgpu.CompilerParams(approx_math=True),
+  )(q, k, v)
+  return o, lse
+
+
+class _Config:
+  """Hashable static configuration (custom_vjp's non-differentiable argument)."""
+
+  def __init__(self, **kw):
+    self._kw = tuple(sorted(kw.items()))
+    self.fwd = {n: kw[n] for n in ("scale", "window", "block_q", "block_k", "stages", "pingpong")}
+    self.bwd = dict(scale=kw["scale"], window=kw["window"], interpret=False, block_q=kw["bwd_block_q"],
+                    block_k=kw["bwd_block_k"], num_warps=kw["bwd_num_warps"], num_stages=kw["bwd_num_stages"])
+
+  def __hash__(self):
+    return hash(self._kw)
+
+  def __eq__(self, other):
+    return isinstance(other, _Config) and self._kw == other._kw
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(3,))
+def _attention(q, k, v, cfg):
+  return _fwd(q, k, v, **cfg.fwd)[0]
+
+
+def _attention_fwd(q, k, v, cfg):
+  o, lse = _fwd(q, k, v, **cfg.fwd)
+  return o, (q, k, v, o, lse)
+
+
+def _attention_bwd(cfg, res, do):
+  q, k, v, o, lse = res
+  return flash_gpu._bwd(q, k, v, None, o, lse, do, **cfg.bwd)
+
+
+_attention.defvjp(_attention_fwd, _attention_bwd)
+
+
+def flash_attention(q, k, v, *, window, segment_ids=None, scale=None, block_q=64, block_k=128, stages=2,
+                    pingpong=True, bwd_block_q=64, bwd_block_k=128, bwd_num_warps=8, bwd_num_stages=3):
+  """Sliding-window (``window=None``: full) causal attention, ``q [B,T,Hq,D]``, ``k, v [B,T,Hkv,D]`` in bf16 or
+  float16, ``D`` a multiple of 64. Differentiable: the backward is ``flash_gpu``'s (its ``bwd_*`` blocks)."""
+  if segment_ids is not None:
+    raise ValueError("the Mosaic GPU kernel takes no segment_ids; packed batches need backend='pallas_gpu' or 'xla'")
+  b, t, hq, d = q.shape
+  if k.shape != v.shape or k.shape[:2] != (b, t) or k.shape[3] != d or hq % k.shape[2]:
+    raise ValueError(f"expected k, v [B, T, Hkv, D] with Hq a multiple of Hkv; got q {q.shape}, k {k.shape}, "
+                     f"v {v.shape}")
+  if q.dtype not in (jnp.bfloat16, jnp.float16) or k.dtype != q.dtype or v.dtype != q.dtype:
+    raise ValueError(f"q, k, v must share a 16-bit float dtype; got {q.dtype}, {k.dtype}, {v.dtype}")
+  if d % 64 or block_q % 64 or block_k % 64:
+    raise ValueError(f"head dim ({d}), block_q ({block_q}) and block_k ({block_k}) must be multiples of 64")
+  scale = d ** -0.5 if scale is None else float(scale)
+  mult = math.lcm(2 * block_q, block_k, bwd_block_q, bwd_block_k)
+  tp = -(-t // mult) * mult
+  if tp != t:
+    pad = lambda x: jnp.pad(x, ((0, 0), (0, tp - t), (0, 0), (0, 0)))
+    q, k, v = pad(q), pad(k), pad(v)
+  if window is not None and window >= tp:
+    window = None
+  cfg = _Config(scale=scale, window=window, block_q=block_q, block_k=block_k, stages=stages, pingpong=pingpong,
+                bwd_block_q=bwd_block_q, bwd_block_k=bwd_block_k, bwd_num_warps=bwd_num_warps,
+                bwd_num_stages=bwd_num_stages)
+  return _attention(q, k, v, cfg)[:, :t]
