@@ -193,14 +193,187 @@ def _fwd(q, k, v, *, scale, window, block_q, block_k, stages, pingpong):
   return o, lse
 
 
+def _bwd(q, k, v, o, lse, do, *, scale, window, block_q, block_k, stages):
+  """dQ, dK, dV in one kernel: per CTA ``2 * block_k`` keys of one kv head (one compute warpgroup per ``block_k``),
+  walking the ``G`` query heads of the group and, per head, the query blocks that see those keys. Five products per
+  (query block, key block): S^T, dV += P^T dO, dP^T, dK += dS^T Q, and dQ's share dS K, which is added into a float32
+  dQ in global memory by a TMA reduction (no recomputation of S and dP in a second kernel)."""
+  plgpu = _plgpu()
+  b, t, hq, d = q.shape
+  hkv = k.shape[2]
+  g = hq // hkv
+  nq = t // block_q
+  keys = 2 * block_k  # keys per CTA
+  dtype = q.dtype
+  c = scale * LOG2E
+  wgmma_layout = plgpu.Layout.WGMMA
+  col_layout = plgpu.Layout.WGMMA.reduce(0)
+  delta = jnp.einsum("bthd,bthd->bht", do.astype(jnp.float32), o.astype(jnp.float32))
+
+  def body(q_ref, k_ref, v_ref, do_ref, lse_ref, dl_ref, dq_ref, dk_ref, dv_ref,
+           k_smem, v_smem, q_smem, do_smem, lse_smem, dl_smem, ds_smem, dq_smem,
+           k_ready, v_ready, q_ready, do_ready, lse_ready, dl_ready, slot_free):
+    bi = lax.axis_index("batch")
+    kvh = lax.axis_index("heads")
+    wg = lax.axis_index("wg")
+    cta_k0 = lax.axis_index("k_seq") * keys
+    lo, _, _, hi = flash_gpu._q_block_range(cta_k0, block_q, keys, nq, window)
+    n = hi - lo  # query blocks per head this CTA walks
+
+    @pl.when(wg < 2)
+    def _compute():
+      plgpu.set_max_registers(240, action="increase")
+      k0 = cta_k0 + wg * block_k
+      my_k, my_v, my_ds, my_dq = k_smem.at[wg], v_smem.at[wg], ds_smem.at[wg], dq_smem.at[wg]
+      plgpu.copy_gmem_to_smem(k_ref.at[bi, pl.ds(k0, block_k), kvh], my_k, k_ready.at[wg])
+      plgpu.copy_gmem_to_smem(v_ref.at[bi, pl.ds(k0, block_k), kvh], my_v, v_ready.at[wg])
+      plgpu.barrier_wait(k_ready.at[wg])
+      plgpu.barrier_wait(v_ready.at[wg])
+      _, lo_f, hi_f, _ = flash_gpu._q_block_range(k0, block_q, block_k, nq, window)
+      lo_f = jnp.clip(lo_f, lo, hi)
+      hi_f = jnp.clip(hi_f, lo_f, hi)
+
+      def step(i, carry, gi, masked):
+        dk, dv = carry
+        s = gi * n + (i - lo)
+        slot = lax.rem(s, stages)
+        h = kvh * g + gi
+        plgpu.barrier_wait(q_ready.at[slot])
+        plgpu.barrier_wait(lse_ready.at[slot])
+
+        def scores_t(acc_ref):  # S^T = K Q^T  [block_k, block_q]
+          plgpu.wgmma(acc_ref, my_k, plgpu.transpose_ref(q_smem.at[slot], (1, 0)))
+          return acc_ref[...]
+
+        st = pl.run_scoped(scores_t, plgpu.ACC((block_k, block_q), jnp.float32))
+        lse = plgpu.load(lse_smem.at[slot], (), layout=col_layout)
+        pt = jnp.exp2(st * c - lax.broadcast_in_dim(lse, st.shape, [1]))
+        if masked:
+          ki = k0 + plgpu.broadcasted_iota(jnp.int32, st.shape, 0, layout=wgmma_layout)
+          qi = i * block_q + plgpu.broadcasted_iota(jnp.int32, st.shape, 1, layout=wgmma_layout)
+          ok = ki <= qi
+          if window is not None:
+            ok = ok & (ki > qi - window)
+          pt = jnp.where(ok, pt, 0.0)
+        plgpu.barrier_wait(do_ready.at[slot])
+
+        def dv_and_dpt(refs):
+          dv_ref_, dpt_ref = refs
+          plgpu.wgmma(dv_ref_, pt.astype(dtype), do_smem.at[slot])
+          plgpu.wgmma(dpt_ref, my_v, plgpu.transpose_ref(do_smem.at[slot], (1, 0)))
+
+        zeros_t = plgpu.layout_cast(jnp.zeros(st.shape, jnp.float32), wgmma_layout)
+        dv, dpt = pl.run_state(dv_and_dpt)((plgpu.ACC.init(dv), plgpu.ACC.init(zeros_t)))
+        plgpu.barrier_wait(dl_ready.at[slot])
+        dl = plgpu.load(dl_smem.at[slot], (), layout=col_layout)
+        dst = (pt * (dpt - lax.broadcast_in_dim(dl, st.shape, [1]))).astype(dtype)
+
+        def dk_step(acc_ref):
+          plgpu.wgmma(acc_ref, dst, q_smem.at[slot])
+
+        dk = pl.run_state(dk_step)(plgpu.ACC.init(dk))
+        plgpu.barrier_arrive(slot_free.at[slot])
+        # dQ's share: dS K = (dS^T)^T K, with dS^T through shared memory as the transposed left operand
+        my_ds[...] = dst
+        plgpu.commit_smem()
+
+        def dq_step(acc_ref):
+          plgpu.wgmma(acc_ref, plgpu.transpose_ref(my_ds, (1, 0)), my_k)
+          return acc_ref[...]
+
+        dq = pl.run_scoped(dq_step, plgpu.ACC((block_q, d), jnp.float32))
+        plgpu.wait_smem_to_gmem(0, wait_read_only=True)  # the previous step's reduction has read my_dq
+        my_dq[...] = dq
+        plgpu.commit_smem()
+        plgpu.copy_smem_to_gmem(my_dq, dq_ref.at[bi, pl.ds(i * block_q, block_q), h], reduction_op="add")
+        return dk, dv
+
+      def per_head(gi, carry):
+        carry = lax.fori_loop(lo, lo_f, functools.partial(step, gi=gi, masked=True), carry)
+        carry = lax.fori_loop(lo_f, hi_f, functools.partial(step, gi=gi, masked=False), carry)
+        return lax.fori_loop(hi_f, hi, functools.partial(step, gi=gi, masked=True), carry)
+
+      zeros = plgpu.layout_cast(jnp.zeros((block_k, d), jnp.float32), wgmma_layout)
+      dk, dv = lax.fori_loop(0, g, per_head, (zeros, zeros))
+      plgpu.wait_smem_to_gmem(0)
+      my_k[...] = (dk * scale).astype(dtype)
+      my_v[...] = dv.astype(dtype)
+      plgpu.commit_smem()
+      plgpu.copy_smem_to_gmem(my_k, dk_ref.at[bi, pl.ds(k0, block_k), kvh])
+      plgpu.copy_smem_to_gmem(my_v, dv_ref.at[bi, pl.ds(k0, block_k), kvh])
+      plgpu.wait_smem_to_gmem(0)
+
+    @pl.when(wg == 2)
+    def _memory():
+      plgpu.set_max_registers(24, action="decrease")
+
+      def fetch(s, slot):
+        gi = lax.div(s, n)
+        i = lo + lax.rem(s, n)
+        h = kvh * g + gi
+        rows = (bi, pl.ds(i * block_q, block_q), h)
+        plgpu.copy_gmem_to_smem(q_ref.at[rows], q_smem.at[slot], q_ready.at[slot])
+        plgpu.copy_gmem_to_smem(lse_ref.at[bi, h, pl.ds(i * block_q, block_q)], lse_smem.at[slot],
+                                lse_ready.at[slot])
+        plgpu.copy_gmem_to_smem(do_ref.at[rows], do_smem.at[slot], do_ready.at[slot])
+        plgpu.copy_gmem_to_smem(dl_ref.at[bi, h, pl.ds(i * block_q, block_q)], dl_smem.at[slot],
+                                dl_ready.at[slot])
+
+      total = g * n
+      for s in range(stages):
+        pl.when(s < total)(functools.partial(fetch, s, s))
+
+      @pl.loop(stages, jnp.maximum(total, stages))
+      def _refill(s):
+        slot = lax.rem(s, stages)
+        plgpu.barrier_wait(slot_free.at[slot])
+        fetch(s, slot)
+
+  tiled = dict(transforms=(plgpu.TilingTransform((8, 64)), plgpu.SwizzleTransform(128)))
+  scratch = [
+      plgpu.SMEM((2, block_k, d), dtype, **tiled),  # k (then dk) per compute warpgroup
+      plgpu.SMEM((2, block_k, d), dtype, **tiled),  # v (then dv)
+      plgpu.SMEM((stages, block_q, d), dtype, **tiled),  # q ring
+      plgpu.SMEM((stages, block_q, d), dtype, **tiled),  # dO ring
+      plgpu.SMEM((stages, block_q), jnp.float32),  # lse ring
+      plgpu.SMEM((stages, block_q), jnp.float32),  # delta ring
+      plgpu.SMEM((2, block_k, block_q), dtype, **tiled),  # dS^T per compute warpgroup
+      plgpu.SMEM((2, block_q, d), jnp.float32),  # dQ share per compute warpgroup
+      plgpu.Barrier(num_barriers=2),  # k_ready
+      plgpu.Barrier(num_barriers=2),  # v_ready
+      plgpu.Barrier(num_barriers=stages),  # q_ready
+      plgpu.Barrier(num_barriers=stages),  # do_ready
+      plgpu.Barrier(num_barriers=stages),  # lse_ready
+      plgpu.Barrier(num_barriers=stages),  # dl_ready
+      plgpu.Barrier(num_arrivals=2, num_barriers=stages),  # slot_free
+  ]
+  mesh = plgpu.Mesh(grid=(hkv, t // keys, b), grid_names=("heads", "k_seq", "batch"), num_threads=3,
+                    thread_name="wg")
+
+  def stateful(refs):
+    @pl.core_map(mesh, compiler_params=plgpu.CompilerParams(approx_math=True), name="swa_mosaic_bwd")
+    def _():
+      pl.run_scoped(lambda *scr: body(*refs, *scr), *scratch, collective_axes="wg")
+
+  dq_acc = jnp.zeros(q.shape, jnp.float32)
+  *_, dq_acc, dk, dv = pl.run_state(stateful)(
+      (q, k, v, do, lse, delta, dq_acc, jnp.zeros_like(k), jnp.zeros_like(v)))
+  return (dq_acc * scale).astype(dtype), dk, dv
+
+
 class _Config:
   """Hashable static configuration (custom_vjp's non-differentiable argument)."""
 
   def __init__(self, **kw):
     self._kw = tuple(sorted(kw.items()))
     self.fwd = {n: kw[n] for n in ("scale", "window", "block_q", "block_k", "stages", "pingpong")}
-    self.bwd = dict(scale=kw["scale"], window=kw["window"], interpret=False, block_q=kw["bwd_block_q"],
-                    block_k=kw["bwd_block_k"], num_warps=kw["bwd_num_warps"], num_stages=kw["bwd_num_stages"])
+    self.backward = kw["backward"]
+    if self.backward == "mosaic":
+      self.bwd = dict(scale=kw["scale"], window=kw["window"], block_q=kw["bwd_block_q"], block_k=kw["bwd_block_k"],
+                      stages=kw["bwd_stages"])
+    else:
+      self.bwd = dict(scale=kw["scale"], window=kw["window"], interpret=False, block_q=kw["bwd_block_q"],
+                      block_k=kw["bwd_block_k"], num_warps=kw["bwd_num_warps"], num_stages=kw["bwd_stages"])
 
   def __hash__(self):
     return hash(self._kw)
@@ -221,6 +394,8 @@ def _attention_fwd(q, k, v, cfg):
 
 def _attention_bwd(cfg, res, do):
   q, k, v, o, lse = res
+  if cfg.backward == "mosaic":
+    return _bwd(q, k, v, o, lse, do, **cfg.bwd)
   return flash_gpu._bwd(q, k, v, None, o, lse, do, **cfg.bwd)
 
 
@@ -228,21 +403,27 @@ _attention.defvjp(_attention_fwd, _attention_bwd)
 
 
 def flash_attention(q, k, v, *, window, segment_ids=None, scale=None, block_q=64, block_k=128, stages=2,
-                    pingpong=True, bwd_block_q=64, bwd_block_k=128, bwd_num_warps=8, bwd_num_stages=3):
+                    pingpong=True, backward="mosaic", bwd_block_q=64, bwd_block_k=64, bwd_stages=2,
+                    bwd_num_warps=8):
   """Sliding-window (``window=None``: full) causal attention, ``q [B,T,Hq,D]``, ``k, v [B,T,Hkv,D]`` in bf16 or
-  float16, ``D`` a multiple of 64. Differentiable: the backward is ``flash_gpu``'s (its ``bwd_*`` blocks)."""
+  float16, ``D`` a multiple of 64. Differentiable. ``backward``: ``"mosaic"`` (``_bwd``: one kernel, five products
+  per block pair, ``bwd_block_k`` keys per compute warpgroup) or ``"triton"`` (``flash_gpu``'s two kernels, which
+  recompute S and dP for dQ; ``bwd_block_q`` x ``bwd_block_k`` is then its dK/dV kernel's block)."""
   if segment_ids is not None:
     raise ValueError("the Mosaic GPU kernel takes no segment_ids; packed batches need backend='pallas_gpu' or 'xla'")
+  if backward not in ("mosaic", "triton"):
+    raise ValueError(f"backward must be 'mosaic' or 'triton', got {backward!r}")
   b, t, hq, d = q.shape
   if k.shape != v.shape or k.shape[:2] != (b, t) or k.shape[3] != d or hq % k.shape[2]:
     raise ValueError(f"expected k, v [B, T, Hkv, D] with Hq a multiple of Hkv; got q {q.shape}, k {k.shape}, "
                      f"v {v.shape}")
   if q.dtype not in (jnp.bfloat16, jnp.float16) or k.dtype != q.dtype or v.dtype != q.dtype:
     raise ValueError(f"q, k, v must share a 16-bit float dtype; got {q.dtype}, {k.dtype}, {v.dtype}")
-  if d % 64 or block_q % 64 or block_k % 64:
-    raise ValueError(f"head dim ({d}), block_q ({block_q}) and block_k ({block_k}) must be multiples of 64")
+  if d % 64 or any(x % 64 for x in (block_q, block_k, bwd_block_q, bwd_block_k)):
+    raise ValueError(f"head dim ({d}) and the blocks ({block_q}, {block_k}, {bwd_block_q}, {bwd_block_k}) must be "
+                     "multiples of 64")
   scale = d ** -0.5 if scale is None else float(scale)
-  mult = math.lcm(2 * block_q, block_k, bwd_block_q, bwd_block_k)
+  mult = math.lcm(2 * block_q, block_k, bwd_block_q, 2 * bwd_block_k)
   tp = -(-t // mult) * mult
   if tp != t:
     pad = lambda x: jnp.pad(x, ((0, 0), (0, tp - t), (0, 0), (0, 0)))
@@ -250,6 +431,6 @@ def flash_attention(q, k, v, *, window, segment_ids=None, scale=None, block_q=64
   if window is not None and window >= tp:
     window = None
   cfg = _Config(scale=scale, window=window, block_q=block_q, block_k=block_k, stages=stages, pingpong=pingpong,
-                bwd_block_q=bwd_block_q, bwd_block_k=bwd_block_k, bwd_num_warps=bwd_num_warps,
-                bwd_num_stages=bwd_num_stages)
+                backward=backward, bwd_block_q=bwd_block_q, bwd_block_k=bwd_block_k, bwd_stages=bwd_stages,
+                bwd_num_warps=bwd_num_warps)
   return _attention(q, k, v, cfg)[:, :t]
