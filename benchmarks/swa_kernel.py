@@ -291,6 +291,31 @@ def mosaic_ab(args):
           continue
         res["rows"].append(dict(t=t, impl=name, mode=mode, ms=med, ms_min=lo, ms_max=hi))
         print(f"T={t:6d} {name:24s} {mode:7s} {med:9.3f} ms", flush=True)
+  # the backward alone at the first length, on the forward's saved o and lse: Triton's two kernels, the Mosaic kernel,
+  # and the Mosaic kernel without dQ's product and reduction (a probe: dQ stays zero)
+  from pallas_kernels.sliding_window_attention import flash_gpu
+  t = int(args.lengths.split(",")[0])
+  q, k, v, do = inputs(jax.random.PRNGKey(t), 1, t)
+  scale = D ** -0.5
+  o, lse = jax.jit(lambda q, k, v: flash_mosaic._fwd(q, k, v, scale=scale, window=W, block_q=64, block_k=128,
+                                                     stages=2, pingpong=True))(q, k, v)
+  bwds = {
+      "triton_bwd": lambda: jax.jit(lambda *a: flash_gpu._bwd(*a[:3], None, *a[3:], scale=scale, window=W, block_q=64,
+                                                             block_k=128, num_warps=8, num_stages=3,
+                                                             interpret=False)),
+      "mosaic_bwd": lambda: jax.jit(lambda *a: flash_mosaic._bwd(*a, scale=scale, window=W, block_q=64, block_k=64,
+                                                                 stages=2)),
+      "mosaic_bwd_no_dq": lambda: jax.jit(lambda *a: flash_mosaic._bwd(*a, scale=scale, window=W, block_q=64,
+                                                                       block_k=64, stages=2, dq_mode="none")),
+  }
+  for name, make in bwds.items():
+    try:
+      med, lo, hi = timeit(make(), q, k, v, o, lse, do, reps=args.reps)
+      res["rows"].append(dict(t=t, impl=name, mode="bwd", ms=med, ms_min=lo, ms_max=hi))
+      print(f"T={t:6d} {name:24s} bwd     {med:9.3f} ms", flush=True)
+    except Exception as e:
+      traceback.print_exc()
+      res["rows"].append(dict(t=t, impl=name, mode="bwd", error=repr(e)[:500]))
   with open(os.path.join(os.environ.get("OUT", "."), "swa_mosaic.json"), "w") as fh:
     json.dump(res, fh, indent=1)
 

@@ -193,11 +193,13 @@ def _fwd(q, k, v, *, scale, window, block_q, block_k, stages, pingpong):
   return o, lse
 
 
-def _bwd(q, k, v, o, lse, do, *, scale, window, block_q, block_k, stages):
+def _bwd(q, k, v, o, lse, do, *, scale, window, block_q, block_k, stages, dq_mode="reduce"):
   """dQ, dK, dV in one kernel: per CTA ``2 * block_k`` keys of one kv head (one compute warpgroup per ``block_k``),
   walking the ``G`` query heads of the group and, per head, the query blocks that see those keys. Five products per
   (query block, key block): S^T, dV += P^T dO, dP^T, dK += dS^T Q, and dQ's share dS K, which is added into a float32
-  dQ in global memory by a TMA reduction (no recomputation of S and dP in a second kernel)."""
+  dQ in global memory by a TMA reduction (no recomputation of S and dP in a second kernel). The products go to the
+  tensor cores in three groups per pair: (S^T, dP^T), (dV, dK), dQ. ``dq_mode="none"`` leaves dQ's product and
+  reduction out (a timing probe only: dQ is then zero)."""
   plgpu = _plgpu()
   b, t, hq, d = q.shape
   hkv = k.shape[2]
@@ -241,11 +243,15 @@ def _bwd(q, k, v, o, lse, do, *, scale, window, block_q, block_k, stages):
         plgpu.barrier_wait(q_ready.at[slot])
         plgpu.barrier_wait(lse_ready.at[slot])
 
-        def scores_t(acc_ref):  # S^T = K Q^T  [block_k, block_q]
-          plgpu.wgmma(acc_ref, my_k, plgpu.transpose_ref(q_smem.at[slot], (1, 0)))
-          return acc_ref[...]
+        plgpu.barrier_wait(do_ready.at[slot])
 
-        st = pl.run_scoped(scores_t, plgpu.ACC((block_k, block_q), jnp.float32))
+        def scores_t(refs):  # S^T = K Q^T and dP^T = V dO^T, [block_k, block_q] each, issued together
+          st_ref, dpt_ref = refs
+          plgpu.wgmma(st_ref, my_k, plgpu.transpose_ref(q_smem.at[slot], (1, 0)))
+          plgpu.wgmma(dpt_ref, my_v, plgpu.transpose_ref(do_smem.at[slot], (1, 0)))
+
+        zeros_t = plgpu.layout_cast(jnp.zeros((block_k, block_q), jnp.float32), wgmma_layout)
+        st, dpt = pl.run_state(scores_t)((plgpu.ACC.init(zeros_t), plgpu.ACC.init(zeros_t)))
         lse = plgpu.load(lse_smem.at[slot], (), layout=col_layout)
         pt = jnp.exp2(st * c - lax.broadcast_in_dim(lse, st.shape, [1]))
         if masked:
@@ -255,37 +261,31 @@ def _bwd(q, k, v, o, lse, do, *, scale, window, block_q, block_k, stages):
           if window is not None:
             ok = ok & (ki > qi - window)
           pt = jnp.where(ok, pt, 0.0)
-        plgpu.barrier_wait(do_ready.at[slot])
-
-        def dv_and_dpt(refs):
-          dv_ref_, dpt_ref = refs
-          plgpu.wgmma(dv_ref_, pt.astype(dtype), do_smem.at[slot])
-          plgpu.wgmma(dpt_ref, my_v, plgpu.transpose_ref(do_smem.at[slot], (1, 0)))
-
-        zeros_t = plgpu.layout_cast(jnp.zeros(st.shape, jnp.float32), wgmma_layout)
-        dv, dpt = pl.run_state(dv_and_dpt)((plgpu.ACC.init(dv), plgpu.ACC.init(zeros_t)))
         plgpu.barrier_wait(dl_ready.at[slot])
         dl = plgpu.load(dl_smem.at[slot], (), layout=col_layout)
         dst = (pt * (dpt - lax.broadcast_in_dim(dl, st.shape, [1]))).astype(dtype)
+        if dq_mode == "reduce":
+          my_ds[...] = dst  # for dQ's product below, as its transposed left operand
+          plgpu.commit_smem()
 
-        def dk_step(acc_ref):
-          plgpu.wgmma(acc_ref, dst, q_smem.at[slot])
+        def dv_and_dk(refs):
+          dv_ref_, dk_ref_ = refs
+          plgpu.wgmma(dv_ref_, pt.astype(dtype), do_smem.at[slot])
+          plgpu.wgmma(dk_ref_, dst, q_smem.at[slot])
 
-        dk = pl.run_state(dk_step)(plgpu.ACC.init(dk))
+        dv, dk = pl.run_state(dv_and_dk)((plgpu.ACC.init(dv), plgpu.ACC.init(dk)))
         plgpu.barrier_arrive(slot_free.at[slot])
-        # dQ's share: dS K = (dS^T)^T K, with dS^T through shared memory as the transposed left operand
-        my_ds[...] = dst
-        plgpu.commit_smem()
+        if dq_mode == "reduce":
+          # dQ's share dS K = (dS^T)^T K, added into the float32 dQ by a TMA reduction
+          def dq_step(acc_ref):
+            plgpu.wgmma(acc_ref, plgpu.transpose_ref(my_ds, (1, 0)), my_k)
+            return acc_ref[...]
 
-        def dq_step(acc_ref):
-          plgpu.wgmma(acc_ref, plgpu.transpose_ref(my_ds, (1, 0)), my_k)
-          return acc_ref[...]
-
-        dq = pl.run_scoped(dq_step, plgpu.ACC((block_q, d), jnp.float32))
-        plgpu.wait_smem_to_gmem(0, wait_read_only=True)  # the previous step's reduction has read my_dq
-        my_dq[...] = dq
-        plgpu.commit_smem()
-        plgpu.copy_smem_to_gmem(my_dq, dq_ref.at[bi, pl.ds(i * block_q, block_q), h], reduction_op="add")
+          dq = pl.run_scoped(dq_step, plgpu.ACC((block_q, d), jnp.float32))
+          plgpu.wait_smem_to_gmem(0, wait_read_only=True)  # the previous step's reduction has read my_dq
+          my_dq[...] = dq
+          plgpu.commit_smem()
+          plgpu.copy_smem_to_gmem(my_dq, dq_ref.at[bi, pl.ds(i * block_q, block_q), h], reduction_op="add")
         return dk, dv
 
       def per_head(gi, carry):
@@ -338,7 +338,8 @@ def _bwd(q, k, v, o, lse, do, *, scale, window, block_q, block_k, stages):
       plgpu.SMEM((stages, block_q), jnp.float32),  # lse ring
       plgpu.SMEM((stages, block_q), jnp.float32),  # delta ring
       plgpu.SMEM((2, block_k, block_q), dtype, **tiled),  # dS^T per compute warpgroup
-      plgpu.SMEM((2, block_q, d), jnp.float32),  # dQ share per compute warpgroup
+      plgpu.SMEM((2, block_q, d), jnp.float32, transforms=(plgpu.TilingTransform((8, 32)),
+                                                          plgpu.SwizzleTransform(128))),  # dQ share
       plgpu.Barrier(num_barriers=2),  # k_ready
       plgpu.Barrier(num_barriers=2),  # v_ready
       plgpu.Barrier(num_barriers=stages),  # q_ready
