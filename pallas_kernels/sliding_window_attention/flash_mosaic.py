@@ -197,8 +197,10 @@ def _bwd(q, k, v, o, lse, do, *, scale, window, block_q, block_k, stages, dq_mod
   """dQ, dK, dV in one kernel: per CTA ``2 * block_k`` keys of one kv head (one compute warpgroup per ``block_k``),
   walking the ``G`` query heads of the group and, per head, the query blocks that see those keys. Five products per
   (query block, key block): S^T, dV += P^T dO, dP^T, dK += dS^T Q, and dQ's share dS K, which is added into a float32
-  dQ in global memory by a TMA reduction (no recomputation of S and dP in a second kernel). The products go to the
-  tensor cores in three groups per pair: (S^T, dP^T), (dV, dK), dQ. ``dq_mode="none"`` leaves dQ's product and
+  dQ in global memory by a TMA reduction (no recomputation of S and dP in a second kernel). For dQ the two compute
+  warpgroups pool their dS^T rows in shared memory and each takes half of dQ's columns over all the CTA's keys, so
+  one CTA adds one [block_q, D] share per query block (not two). The products go to the tensor cores in three
+  groups per pair: (S^T, dP^T), (dV, dK), dQ. ``dq_mode="none"`` leaves dQ's product and
   reduction out (a timing probe only: dQ is then zero)."""
   plgpu = _plgpu()
   b, t, hq, d = q.shape
@@ -212,9 +214,11 @@ def _bwd(q, k, v, o, lse, do, *, scale, window, block_q, block_k, stages, dq_mod
   col_layout = plgpu.Layout.WGMMA.reduce(0)
   delta = jnp.einsum("bthd,bthd->bht", do.astype(jnp.float32), o.astype(jnp.float32))
 
+  half = d // 2  # dQ's columns per compute warpgroup
+
   def body(q_ref, k_ref, v_ref, do_ref, lse_ref, dl_ref, dq_ref, dk_ref, dv_ref,
            k_smem, v_smem, q_smem, do_smem, lse_smem, dl_smem, ds_smem, dq_smem,
-           k_ready, v_ready, q_ready, do_ready, lse_ready, dl_ready, slot_free):
+           k_ready, v_ready, q_ready, do_ready, lse_ready, dl_ready, slot_free, ds_ready, done):
     bi = lax.axis_index("batch")
     kvh = lax.axis_index("heads")
     wg = lax.axis_index("wg")
@@ -226,10 +230,13 @@ def _bwd(q, k, v, o, lse, do, *, scale, window, block_q, block_k, stages, dq_mod
     def _compute():
       plgpu.set_max_registers(240, action="increase")
       k0 = cta_k0 + wg * block_k
-      my_k, my_v, my_ds, my_dq = k_smem.at[wg], v_smem.at[wg], ds_smem.at[wg], dq_smem.at[wg]
+      mine = pl.ds(wg * block_k, block_k)
+      my_k, my_v, my_dq = k_smem.at[mine], v_smem.at[mine], dq_smem.at[wg]
+      my_cols = pl.ds(wg * half, half)
       plgpu.copy_gmem_to_smem(k_ref.at[bi, pl.ds(k0, block_k), kvh], my_k, k_ready.at[wg])
       plgpu.copy_gmem_to_smem(v_ref.at[bi, pl.ds(k0, block_k), kvh], my_v, v_ready.at[wg])
-      plgpu.barrier_wait(k_ready.at[wg])
+      plgpu.barrier_wait(k_ready.at[0])  # dQ's product reads both warpgroups' keys
+      plgpu.barrier_wait(k_ready.at[1])
       plgpu.barrier_wait(v_ready.at[wg])
       _, lo_f, hi_f, _ = flash_gpu._q_block_range(k0, block_q, block_k, nq, window)
       lo_f = jnp.clip(lo_f, lo, hi)
@@ -264,9 +271,14 @@ def _bwd(q, k, v, o, lse, do, *, scale, window, block_q, block_k, stages, dq_mod
         plgpu.barrier_wait(dl_ready.at[slot])
         dl = plgpu.load(dl_smem.at[slot], (), layout=col_layout)
         dst = (pt * (dpt - lax.broadcast_in_dim(dl, st.shape, [1]))).astype(dtype)
+        par = lax.rem(s, 2)
         if dq_mode == "reduce":
-          my_ds[...] = dst  # for dQ's product below, as its transposed left operand
+          # dS^T's rows of this warpgroup's keys, for dQ's product below (as its transposed left operand); two
+          # buffers by step parity: a warpgroup reaches step s + 2 only after the other has passed step s + 1's
+          # barrier, i.e. finished step s's dQ product
+          ds_smem.at[par, mine][...] = dst
           plgpu.commit_smem()
+          plgpu.barrier_arrive(ds_ready.at[par])
 
         def dv_and_dk(refs):
           dv_ref_, dk_ref_ = refs
@@ -276,16 +288,20 @@ def _bwd(q, k, v, o, lse, do, *, scale, window, block_q, block_k, stages, dq_mod
         dv, dk = pl.run_state(dv_and_dk)((plgpu.ACC.init(dv), plgpu.ACC.init(dk)))
         plgpu.barrier_arrive(slot_free.at[slot])
         if dq_mode == "reduce":
-          # dQ's share dS K = (dS^T)^T K, added into the float32 dQ by a TMA reduction
+          # dQ's share over the CTA's keys, this warpgroup's half of the columns: dS K[:, cols], with dS the
+          # transposed dS^T of both warpgroups; added into the float32 dQ by a TMA reduction
+          plgpu.barrier_wait(ds_ready.at[par])
+
           def dq_step(acc_ref):
-            plgpu.wgmma(acc_ref, plgpu.transpose_ref(my_ds, (1, 0)), my_k)
+            plgpu.wgmma(acc_ref, plgpu.transpose_ref(ds_smem.at[par], (1, 0)), k_smem.at[:, my_cols])
             return acc_ref[...]
 
-          dq = pl.run_scoped(dq_step, plgpu.ACC((block_q, d), jnp.float32))
+          dq = pl.run_scoped(dq_step, plgpu.ACC((block_q, half), jnp.float32))
           plgpu.wait_smem_to_gmem(0, wait_read_only=True)  # the previous step's reduction has read my_dq
           my_dq[...] = dq
           plgpu.commit_smem()
-          plgpu.copy_smem_to_gmem(my_dq, dq_ref.at[bi, pl.ds(i * block_q, block_q), h], reduction_op="add")
+          plgpu.copy_smem_to_gmem(my_dq, dq_ref.at[bi, pl.ds(i * block_q, block_q), h, my_cols],
+                                  reduction_op="add")
         return dk, dv
 
       def per_head(gi, carry):
@@ -296,6 +312,8 @@ def _bwd(q, k, v, o, lse, do, *, scale, window, block_q, block_k, stages, dq_mod
       zeros = plgpu.layout_cast(jnp.zeros((block_k, d), jnp.float32), wgmma_layout)
       dk, dv = lax.fori_loop(0, g, per_head, (zeros, zeros))
       plgpu.wait_smem_to_gmem(0)
+      plgpu.barrier_arrive(done)  # the other warpgroup's last dQ product has read these keys
+      plgpu.barrier_wait(done)
       my_k[...] = (dk * scale).astype(dtype)
       my_v[...] = dv.astype(dtype)
       plgpu.commit_smem()
@@ -331,15 +349,15 @@ def _bwd(q, k, v, o, lse, do, *, scale, window, block_q, block_k, stages, dq_mod
 
   tiled = dict(transforms=(plgpu.TilingTransform((8, 64)), plgpu.SwizzleTransform(128)))
   scratch = [
-      plgpu.SMEM((2, block_k, d), dtype, **tiled),  # k (then dk) per compute warpgroup
-      plgpu.SMEM((2, block_k, d), dtype, **tiled),  # v (then dv)
+      plgpu.SMEM((keys, d), dtype, **tiled),  # the CTA's keys (then dk), block_k rows per compute warpgroup
+      plgpu.SMEM((keys, d), dtype, **tiled),  # values (then dv)
       plgpu.SMEM((stages, block_q, d), dtype, **tiled),  # q ring
       plgpu.SMEM((stages, block_q, d), dtype, **tiled),  # dO ring
       plgpu.SMEM((stages, block_q), jnp.float32),  # lse ring
       plgpu.SMEM((stages, block_q), jnp.float32),  # delta ring
-      plgpu.SMEM((2, block_k, block_q), dtype, **tiled),  # dS^T per compute warpgroup
-      plgpu.SMEM((2, block_q, d), jnp.float32, transforms=(plgpu.TilingTransform((8, 32)),
-                                                          plgpu.SwizzleTransform(128))),  # dQ share
+      plgpu.SMEM((2, keys, block_q), dtype, **tiled),  # dS^T by step parity, block_k rows per warpgroup
+      plgpu.SMEM((2, block_q, half), jnp.float32, transforms=(plgpu.TilingTransform((8, 32)),
+                                                             plgpu.SwizzleTransform(128))),  # dQ share
       plgpu.Barrier(num_barriers=2),  # k_ready
       plgpu.Barrier(num_barriers=2),  # v_ready
       plgpu.Barrier(num_barriers=stages),  # q_ready
@@ -347,6 +365,8 @@ def _bwd(q, k, v, o, lse, do, *, scale, window, block_q, block_k, stages, dq_mod
       plgpu.Barrier(num_barriers=stages),  # lse_ready
       plgpu.Barrier(num_barriers=stages),  # dl_ready
       plgpu.Barrier(num_arrivals=2, num_barriers=stages),  # slot_free
+      plgpu.Barrier(num_arrivals=2, num_barriers=2),  # ds_ready, by step parity
+      plgpu.Barrier(num_arrivals=2),  # done
   ]
   mesh = plgpu.Mesh(grid=(hkv, t // keys, b), grid_names=("heads", "k_seq", "batch"), num_threads=3,
                     thread_name="wg")
