@@ -305,6 +305,8 @@ def mosaic_ab(args):
                                                              interpret=False)),
       "mosaic_bwd": lambda: jax.jit(lambda *a: flash_mosaic._bwd(*a, scale=scale, window=W, block_q=64, block_k=64,
                                                                  stages=2)),
+      "mosaic_bwd_dq_apart": lambda: jax.jit(lambda *a: flash_mosaic._bwd(*a, scale=scale, window=W, block_q=64,
+                                                                          block_k=64, stages=2, group_dq=False)),
       "mosaic_bwd_no_dq": lambda: jax.jit(lambda *a: flash_mosaic._bwd(*a, scale=scale, window=W, block_q=64,
                                                                        block_k=64, stages=2, dq_mode="none")),
   }

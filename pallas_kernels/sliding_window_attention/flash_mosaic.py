@@ -193,14 +193,14 @@ def _fwd(q, k, v, *, scale, window, block_q, block_k, stages, pingpong):
   return o, lse
 
 
-def _bwd(q, k, v, o, lse, do, *, scale, window, block_q, block_k, stages, dq_mode="reduce"):
+def _bwd(q, k, v, o, lse, do, *, scale, window, block_q, block_k, stages, dq_mode="reduce", group_dq=True):
   """dQ, dK, dV in one kernel: per CTA ``2 * block_k`` keys of one kv head (one compute warpgroup per ``block_k``),
   walking the ``G`` query heads of the group and, per head, the query blocks that see those keys. Five products per
   (query block, key block): S^T, dV += P^T dO, dP^T, dK += dS^T Q, and dQ's share dS K, which is added into a float32
   dQ in global memory by a TMA reduction (no recomputation of S and dP in a second kernel). For dQ the two compute
   warpgroups pool their dS^T rows in shared memory and each takes half of dQ's columns over all the CTA's keys, so
-  one CTA adds one [block_q, D] share per query block (not two). The products go to the tensor cores in three
-  groups per pair: (S^T, dP^T), (dV, dK), dQ. ``dq_mode="none"`` leaves dQ's product and
+  one CTA adds one [block_q, D] share per query block (not two). The products go to the tensor cores in two groups
+  per pair, (S^T, dP^T) then (dV, dK, dQ) (``group_dq=False``: dQ as a third). ``dq_mode="none"`` leaves dQ's product and
   reduction out (a timing probe only: dQ is then zero)."""
   plgpu = _plgpu()
   b, t, hq, d = q.shape
@@ -280,23 +280,29 @@ def _bwd(q, k, v, o, lse, do, *, scale, window, block_q, block_k, stages, dq_mod
           plgpu.commit_smem()
           plgpu.barrier_arrive(ds_ready.at[par])
 
-        def dv_and_dk(refs):
-          dv_ref_, dk_ref_ = refs
-          plgpu.wgmma(dv_ref_, pt.astype(dtype), do_smem.at[slot])
-          plgpu.wgmma(dk_ref_, dst, q_smem.at[slot])
-
-        dv, dk = pl.run_state(dv_and_dk)((plgpu.ACC.init(dv), plgpu.ACC.init(dk)))
-        plgpu.barrier_arrive(slot_free.at[slot])
-        if dq_mode == "reduce":
-          # dQ's share over the CTA's keys, this warpgroup's half of the columns: dS K[:, cols], with dS the
-          # transposed dS^T of both warpgroups; added into the float32 dQ by a TMA reduction
+        if dq_mode == "reduce" and group_dq:
           plgpu.barrier_wait(ds_ready.at[par])
 
-          def dq_step(acc_ref):
-            plgpu.wgmma(acc_ref, plgpu.transpose_ref(ds_smem.at[par], (1, 0)), k_smem.at[:, my_cols])
-            return acc_ref[...]
+        def dv_dk_dq(refs):
+          plgpu.wgmma(refs[0], pt.astype(dtype), do_smem.at[slot])
+          plgpu.wgmma(refs[1], dst, q_smem.at[slot])
+          if len(refs) == 3:
+            # dQ's share over the CTA's keys, this warpgroup's half of the columns: dS K[:, cols], with dS the
+            # transposed dS^T of both warpgroups
+            plgpu.wgmma(refs[2], plgpu.transpose_ref(ds_smem.at[par], (1, 0)), k_smem.at[:, my_cols])
 
-          dq = pl.run_scoped(dq_step, plgpu.ACC((block_q, half), jnp.float32))
+        zeros_q = plgpu.layout_cast(jnp.zeros((block_q, half), jnp.float32), wgmma_layout)
+        if dq_mode == "reduce" and group_dq:
+          dv, dk, dq = pl.run_state(dv_dk_dq)((plgpu.ACC.init(dv), plgpu.ACC.init(dk), plgpu.ACC.init(zeros_q)))
+        else:
+          dv, dk = pl.run_state(dv_dk_dq)((plgpu.ACC.init(dv), plgpu.ACC.init(dk)))
+        plgpu.barrier_arrive(slot_free.at[slot])
+        if dq_mode == "reduce":
+          if not group_dq:
+            plgpu.barrier_wait(ds_ready.at[par])
+            dq = pl.run_state(lambda r: plgpu.wgmma(r, plgpu.transpose_ref(ds_smem.at[par], (1, 0)),
+                                                    k_smem.at[:, my_cols]))(plgpu.ACC.init(zeros_q))
+          # added into the float32 dQ by a TMA reduction
           plgpu.wait_smem_to_gmem(0, wait_read_only=True)  # the previous step's reduction has read my_dq
           my_dq[...] = dq
           plgpu.commit_smem()
