@@ -193,14 +193,17 @@ def _fwd(q, k, v, *, scale, window, block_q, block_k, stages, pingpong):
   return o, lse
 
 
-def _bwd(q, k, v, o, lse, do, *, scale, window, block_q, block_k, stages, dq_mode="reduce", group_dq=True):
+def _bwd(q, k, v, o, lse, do, *, scale, window, block_q, block_k, stages, dq_mode="reduce", group_dq=False,
+         dq_buffers=1):
   """dQ, dK, dV in one kernel: per CTA ``2 * block_k`` keys of one kv head (one compute warpgroup per ``block_k``),
   walking the ``G`` query heads of the group and, per head, the query blocks that see those keys. Five products per
   (query block, key block): S^T, dV += P^T dO, dP^T, dK += dS^T Q, and dQ's share dS K, which is added into a float32
   dQ in global memory by a TMA reduction (no recomputation of S and dP in a second kernel). For dQ the two compute
   warpgroups pool their dS^T rows in shared memory and each takes half of dQ's columns over all the CTA's keys, so
   one CTA adds one [block_q, D] share per query block (not two). The products go to the tensor cores in two groups
-  per pair, (S^T, dP^T) then (dV, dK, dQ) (``group_dq=False``: dQ as a third). ``dq_mode="none"`` leaves dQ's product and
+  per pair, (S^T, dP^T), (dV, dK), then dQ (``group_dq=True``: dQ with dV and dK, measured slower). ``dq_buffers``:
+  shared-memory buffers per warpgroup for the dQ share (2: a reduction may still be reading one while the next is
+  written). ``dq_mode="none"`` leaves dQ's product and
   reduction out (a timing probe only: dQ is then zero)."""
   plgpu = _plgpu()
   b, t, hq, d = q.shape
@@ -231,7 +234,7 @@ def _bwd(q, k, v, o, lse, do, *, scale, window, block_q, block_k, stages, dq_mod
       plgpu.set_max_registers(240, action="increase")
       k0 = cta_k0 + wg * block_k
       mine = pl.ds(wg * block_k, block_k)
-      my_k, my_v, my_dq = k_smem.at[mine], v_smem.at[mine], dq_smem.at[wg]
+      my_k, my_v = k_smem.at[mine], v_smem.at[mine]
       my_cols = pl.ds(wg * half, half)
       plgpu.copy_gmem_to_smem(k_ref.at[bi, pl.ds(k0, block_k), kvh], my_k, k_ready.at[wg])
       plgpu.copy_gmem_to_smem(v_ref.at[bi, pl.ds(k0, block_k), kvh], my_v, v_ready.at[wg])
@@ -303,7 +306,9 @@ def _bwd(q, k, v, o, lse, do, *, scale, window, block_q, block_k, stages, dq_mod
             dq = pl.run_state(lambda r: plgpu.wgmma(r, plgpu.transpose_ref(ds_smem.at[par], (1, 0)),
                                                     k_smem.at[:, my_cols]))(plgpu.ACC.init(zeros_q))
           # added into the float32 dQ by a TMA reduction
-          plgpu.wait_smem_to_gmem(0, wait_read_only=True)  # the previous step's reduction has read my_dq
+          # the reduction issued dq_buffers steps ago has read this buffer
+          plgpu.wait_smem_to_gmem(dq_buffers - 1, wait_read_only=True)
+          my_dq = dq_smem.at[wg, lax.rem(s, dq_buffers)]
           my_dq[...] = dq
           plgpu.commit_smem()
           plgpu.copy_smem_to_gmem(my_dq, dq_ref.at[bi, pl.ds(i * block_q, block_q), h, my_cols],
@@ -362,7 +367,7 @@ def _bwd(q, k, v, o, lse, do, *, scale, window, block_q, block_k, stages, dq_mod
       plgpu.SMEM((stages, block_q), jnp.float32),  # lse ring
       plgpu.SMEM((stages, block_q), jnp.float32),  # delta ring
       plgpu.SMEM((2, keys, block_q), dtype, **tiled),  # dS^T by step parity, block_k rows per warpgroup
-      plgpu.SMEM((2, block_q, half), jnp.float32, transforms=(plgpu.TilingTransform((8, 32)),
+      plgpu.SMEM((2, dq_buffers, block_q, half), jnp.float32, transforms=(plgpu.TilingTransform((8, 32)),
                                                              plgpu.SwizzleTransform(128))),  # dQ share
       plgpu.Barrier(num_barriers=2),  # k_ready
       plgpu.Barrier(num_barriers=2),  # v_ready
