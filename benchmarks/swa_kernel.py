@@ -1,15 +1,17 @@
-"""Sliding-window attention on one GPU: our Pallas kernel vs cuDNN (windowed and full causal).
+"""Sliding-window attention on one GPU: our Pallas kernels (Triton; Mosaic GPU on Hopper) vs cuDNN (windowed and
+full causal).
 
 InfiniteVL's SWA shape: Hq=16, Hkv=2, D=128, window 8192, bf16. One run does, in order:
 1. correctness of every implementation against the float32 dense reference (fresh random
    inputs, forward and all three gradients, packed and unpacked, T not a block multiple);
 2. a small block-size sweep of our kernel at T=65536 (forward and backward separately);
 3. timings (median of ``--reps`` after warm-up) at T in {32768, 65536, 131072}, forward and
-   forward+backward, for ours / cuDNN window / cuDNN full causal;
+   forward+backward, for ours (Triton, and Mosaic GPU on sm90) / cuDNN window / cuDNN full causal;
 4. a packed batch (4 documents) where only ours and the XLA reference can run.
 Writes ``$OUT/swa_kernel.json`` and ``$OUT/swa_kernel.png``; prints the table last.
 
     python benchmarks/swa_kernel.py            # on the GPU machine
+    python benchmarks/swa_kernel.py --mosaic-ab --lengths 65536   # Mosaic GPU variants, and the backward alone
 """
 
 from __future__ import annotations
@@ -84,6 +86,8 @@ def window_flops(t, window, b=1):
 def impls(window, seg=None, cfg=None):
   cfg = cfg or {}
   out = {"ours": lambda q, k, v: flash_attention(q, k, v, window=window, segment_ids=seg, **cfg)}
+  if seg is None and flash_mosaic.supported():
+    out["ours_mosaic"] = lambda q, k, v: flash_mosaic.flash_attention(q, k, v, window=window)
   if seg is None:
     out["cudnn_window"] = lambda q, k, v: sliding_window_attention(
         q, k, v, window=window, backend="cudnn")
@@ -397,7 +401,7 @@ def main():
     import matplotlib.pyplot as plt
     fig, axes = plt.subplots(1, 2, figsize=(10, 4))
     for ax, mode in zip(axes, ("fwd", "fwd+bwd")):
-      for name in ("ours", "cudnn_window", "cudnn_full"):
+      for name in ("ours", "ours_mosaic", "cudnn_window", "cudnn_full"):
         pts = [(r["t"], r["ms"]) for r in rows if r["impl"] == name and r["mode"] == mode
                and "ms" in r]
         if pts:
@@ -418,17 +422,20 @@ def main():
                               and r["mode"] == m), None)
   fmt = lambda x: f"{x:9.2f}" if x is not None else "      n/a"
   print(f"\n{meta['device']}, JAX {meta['jax']}, bf16, Hq=16 Hkv=2 D=128 W=8192, median ms")
-  print("| T | mode | ours | cuDNN window | cuDNN full | ours / cuDNN window |")
-  print("|---|---|---|---|---|---|")
+  print("| T | mode | ours, Mosaic GPU | ours, Triton | cuDNN window | cuDNN full | Mosaic / cuDNN window |"
+        " Triton / cuDNN window |")
+  print("|---|---|---|---|---|---|---|---|")
+  ratio = lambda a, b: f"{a / b:.2f}" if a and b else "n/a"
   for t in lengths:
     for m in ("fwd", "fwd+bwd"):
       a, b, c = get(t, "ours", m), get(t, "cudnn_window", m), get(t, "cudnn_full", m)
-      ratio = f"{a / b:.2f}" if a and b else "n/a"
-      print(f"| {t} | {m} | {fmt(a)} | {fmt(b)} | {fmt(c)} | {ratio} |")
-  for m in ("fwd", "fwd+bwd"):
-    a, b = get(lengths[-1], "ours", m), get(lengths[-2], "ours", m) if len(lengths) > 1 else None
-    if a and b:
-      print(f"ours {m}: time({lengths[-1]}) / time({lengths[-2]}) = {a / b:.2f}")
+      mo = get(t, "ours_mosaic", m)
+      print(f"| {t} | {m} | {fmt(mo)} | {fmt(a)} | {fmt(b)} | {fmt(c)} | {ratio(mo, b)} | {ratio(a, b)} |")
+  for name in ("ours_mosaic", "ours"):
+    for m in ("fwd", "fwd+bwd"):
+      a, b = get(lengths[-1], name, m), get(lengths[-2], name, m) if len(lengths) > 1 else None
+      if a and b:
+        print(f"{name} {m}: time({lengths[-1]}) / time({lengths[-2]}) = {a / b:.2f}")
   for m in ("fwd", "fwd+bwd"):
     a, b = get(tp, "ours_packed4", m), get(tp, "xla_blockwise_packed4", m)
     print(f"packed 4 docs T={tp} {m}: ours {fmt(a)}  xla blockwise {fmt(b)}")

@@ -20,7 +20,7 @@ from infinitevl_jax import sharding
 _state = threading.local()
 _DEFAULTS = {"gdn": "auto", "attention": "auto", "norm": "auto"}
 GDN_BACKENDS = ("auto", "xla", "pallas_tpu", "pallas_gpu")
-ATTENTION_BACKENDS = ("auto", "xla", "cudnn", "pallas_tpu", "pallas_gpu")
+ATTENTION_BACKENDS = ("auto", "xla", "cudnn", "pallas_tpu", "pallas_gpu", "mosaic_gpu")
 NORM_BACKENDS = ("auto", "xla", "pallas_gpu")
 
 
@@ -110,9 +110,10 @@ def attention_with_cache(q, k, v, cache_k, cache_v, cache_positions, q_positions
 
 
 def _cache_backend() -> str:
-    """The attention choice for the cache path: cuDNN has none, so "cudnn" means "auto" there."""
+    """The attention choice for the cache path: cuDNN and the Mosaic GPU kernels have none, so "cudnn" and
+    "mosaic_gpu" mean "auto" there."""
     chosen = backend("attention")
-    return "auto" if chosen == "cudnn" else chosen
+    return "auto" if chosen in ("cudnn", "mosaic_gpu") else chosen
 
 
 def attention_with_cache_update(q, k, v, cache_k, cache_v, cache_positions, q_positions, *, window: int | None,

@@ -24,6 +24,7 @@ from pallas_kernels.sliding_window_attention.cache import (attend_to_cache_decod
                                                            decode_attend_and_write_pallas,
                                                            decode_attend_and_write_rotary_pallas,
                                                            rotary_decode_supported)
+from pallas_kernels.sliding_window_attention import flash_mosaic
 from pallas_kernels.sliding_window_attention.flash_gpu import flash_attention
 from pallas_kernels.sliding_window_attention.splash_tpu import splash_attention
 
@@ -237,6 +238,54 @@ def test_tpu_lowering_at_model_shape():
   bwd = jax.jit(jax.grad(loss, argnums=(0, 1, 2)))
   text = bwd.trace(q, kv, kv, seg).lower(lowering_platforms=("tpu",)).as_text()
   assert text.count("tpu_custom_call") >= 2
+
+
+def _mosaic_calls(text):
+  return text.count("custom_call @mosaic_gpu")
+
+
+def test_mosaic_gpu_lowering_at_model_shape():
+  """The Mosaic GPU forward and backward lower for CUDA at Hq=16, Hkv=2, D=128, W=8192, T=16384: tracing, Mosaic's
+  layout inference and its shared-memory budget all run on the CPU host (nothing is compiled to PTX or run)."""
+  b, t, hq, hkv, d = 1, 16384, 16, 2, 128
+  q = jax.ShapeDtypeStruct((b, t, hq, d), jnp.bfloat16)
+  kv = jax.ShapeDtypeStruct((b, t, hkv, d), jnp.bfloat16)
+  f = functools.partial(sliding_window_attention, window=8192, backend="mosaic_gpu")
+  text = jax.jit(f).trace(q, kv, kv).lower(lowering_platforms=("cuda",)).as_text()
+  assert _mosaic_calls(text) == 1
+  loss = lambda q, k, v: f(q, k, v).astype(jnp.float32).sum()
+  text = jax.jit(jax.grad(loss, argnums=(0, 1, 2))).trace(q, kv, kv).lower(lowering_platforms=("cuda",)).as_text()
+  assert _mosaic_calls(text) == 2  # the forward and the one backward kernel
+  assert "__gpu$xla.gpu.triton" not in text  # no Triton kernel left in the backward
+
+
+def test_mosaic_gpu_rejects_bad_input():
+  q, k, v, _, seg = draw("mosaic_bad", 1, 256, 4, 2, 64, dtype=jnp.bfloat16, packed=True)
+  with pytest.raises(ValueError, match="segment_ids"):
+    flash_mosaic.flash_attention(q, k, v, window=64, segment_ids=seg)
+  with pytest.raises(ValueError, match="16-bit"):
+    flash_mosaic.flash_attention(q.astype(jnp.float32), k, v, window=64)
+  with pytest.raises(ValueError, match="multiples of 64"):
+    flash_mosaic.flash_attention(q[..., :32], k[..., :32], v[..., :32], window=64)
+  with pytest.raises(ValueError, match="Hkv"):
+    flash_mosaic.flash_attention(q[:, :, :3], k, v, window=64)
+  with pytest.raises(ValueError, match="backward"):
+    flash_mosaic.flash_attention(q, k, v, window=64, backward="nope")
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not flash_mosaic.supported(), reason="needs an NVIDIA Hopper (sm90) GPU")
+@pytest.mark.parametrize("b,t,window", [(1, 4096, 1024), (2, 4000, 700), (1, 1000, None), (1, 512, 8192)])
+@pytest.mark.parametrize("backward", ["mosaic", "triton"])
+def test_mosaic_gpu_compiled(b, t, window, backward):
+  """Compiled on the GPU, bf16 at the model's head shape, against the float32 reference: output and gradients."""
+  q, k, v, do, _ = draw(f"mosaic{b}{t}{window}", b, t, 16, 2, 128, dtype=jnp.bfloat16)
+  f32 = lambda x: x.astype(jnp.float32)
+  ref, vjp_ref = jax.vjp(lambda *a: attention_reference(*a, window=window), f32(q), f32(k), f32(v))
+  fn = jax.jit(functools.partial(flash_mosaic.flash_attention, window=window, backward=backward))
+  out, vjp = jax.vjp(fn, q, k, v)
+  for got, want in zip((out, *vjp(do)), (ref, *vjp_ref(f32(do)))):
+    assert rel(f32(got), want) < TOL[jnp.bfloat16]
 
 
 # ----------------------------------------------------------------------------- dispatch

@@ -8,9 +8,11 @@
 
 Backends: ``"xla"`` (masked reference, block-wise for long sequences), ``"cudnn"``
 (``jax.nn.dot_product_attention``; no segment ids), ``"pallas_gpu"`` (our Pallas/Triton flash
-kernel that skips key blocks outside the window), ``"pallas_tpu"`` (JAX's splash attention
-with a causal local mask), ``"auto"`` (TPU -> splash; NVIDIA sm80+ -> cuDNN when no segment
-ids (measured faster), our Pallas kernel for packed batches; otherwise xla).
+kernel that skips key blocks outside the window), ``"mosaic_gpu"`` (our warp-specialised Pallas
+Mosaic GPU kernels for Hopper, forward and a five-product backward; no segment ids),
+``"pallas_tpu"`` (JAX's splash attention with a causal local mask), ``"auto"`` (TPU -> splash;
+NVIDIA sm80+ -> cuDNN when no segment ids (its forward+backward measured fastest), our Triton
+kernel for packed batches; otherwise xla).
 """
 
 from __future__ import annotations
@@ -24,7 +26,7 @@ from pallas_kernels import _compat
 from pallas_kernels.sliding_window_attention import cache as _cache
 from pallas_kernels.sliding_window_attention import reference as _ref
 
-BACKENDS = ("auto", "xla", "cudnn", "pallas_gpu", "pallas_tpu")
+BACKENDS = ("auto", "xla", "cudnn", "pallas_gpu", "mosaic_gpu", "pallas_tpu")
 
 
 def choose_backend(*, segment_ids=None, window=None):
@@ -33,8 +35,9 @@ def choose_backend(*, segment_ids=None, window=None):
   if jax.devices()[0].platform == "tpu":
     return "pallas_tpu"
   if _compat.sm80_gpu():
-    # Measured on an H100 (benchmarks/swa_kernel.py, BENCHMARKS.md): cuDNN's windowed kernel is
-    # ~1.2x faster than ours where it is allowed; it takes no segment ids, packed batches do.
+    # Measured on an H100 (benchmarks/swa_kernel.py, BENCHMARKS.md): where it is allowed, cuDNN's windowed
+    # kernel is ~1.25x faster than the Triton kernel and ~1.07-1.1x faster than the Mosaic GPU kernels forward
+    # and backward together (whose forward alone is as fast as cuDNN's); it takes no segment ids, packed batches do.
     return "cudnn" if segment_ids is None else "pallas_gpu"
   return "xla"
 
@@ -63,6 +66,9 @@ def sliding_window_attention(q, k, v, *, window, segment_ids=None, scale=None, b
   if backend == "pallas_gpu":
     from pallas_kernels.sliding_window_attention import flash_gpu
     return flash_gpu.flash_attention(q, k, v, window=window, segment_ids=segment_ids, scale=scale)
+  if backend == "mosaic_gpu":
+    from pallas_kernels.sliding_window_attention import flash_mosaic
+    return flash_mosaic.flash_attention(q, k, v, window=window, segment_ids=segment_ids, scale=scale)
   if backend == "pallas_tpu":
     from pallas_kernels.sliding_window_attention import splash_tpu
     return splash_tpu.splash_attention(q, k, v, window=window, segment_ids=segment_ids, scale=scale)
