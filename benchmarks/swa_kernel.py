@@ -250,6 +250,8 @@ MOSAIC_VARIANTS = {
     "mosaic_bwd_triton": dict(backward="triton", bwd_block_q=64, bwd_block_k=128, bwd_stages=3),
     "mosaic_defer": dict(bwd_defer_dq=True),
     "mosaic_defer_group": dict(bwd_defer_dq=True, bwd_group_dq=True),
+    "mosaic_r232": dict(bwd_registers=(232, 40)),
+    "mosaic_r224": dict(bwd_registers=(224, 56)),
 }
 
 
@@ -259,6 +261,12 @@ def mosaic_ab(args):
   variants = {n: MOSAIC_VARIANTS[n] for n in args.mosaic_variants.split(",")}
   res = dict(meta=dict(device=jax.devices()[0].device_kind, jax=jax.__version__, date=time.strftime("%Y-%m-%d"),
                        variants=variants), checks=[], rows=[])
+  out_path = os.path.join(os.environ.get("OUT", "."), "swa_mosaic.json")
+
+  def save():  # after every timing: a run cut short keeps what it measured
+    with open(out_path, "w") as fh:
+      json.dump(res, fh, indent=1)
+
   key = jax.random.PRNGKey(11)
   f32 = lambda x: x.astype(jnp.float32)
   for i, (b, t, w) in enumerate([(1, 4096, 1024), (2, 4000, 700), (1, 3000, None), (1, 1024, 8192)]):
@@ -281,7 +289,8 @@ def mosaic_ab(args):
   for t in [int(x) for x in args.lengths.split(",")]:
     q, k, v, do = inputs(jax.random.PRNGKey(t), 1, t)
     fns = dict(impls(W))
-    fns.pop("cudnn_full")
+    for name in ["cudnn_full", "ours_mosaic"] + (["ours"] if args.no_triton else []):
+      fns.pop(name, None)
     for name, cfg in variants.items():
       fns[name] = lambda q, k, v, cfg=cfg: flash_mosaic.flash_attention(q, k, v, window=W, **cfg)
     for name, fn in fns.items():
@@ -297,6 +306,10 @@ def mosaic_ab(args):
           continue
         res["rows"].append(dict(t=t, impl=name, mode=mode, ms=med, ms_min=lo, ms_max=hi))
         print(f"T={t:6d} {name:24s} {mode:7s} {med:9.3f} ms", flush=True)
+        save()
+  if args.no_bwd_alone:
+    save()
+    return
   # the backward alone at the first length, on the forward's saved o and lse: Triton's two kernels, the Mosaic kernel,
   # and the Mosaic kernel without dQ's product and reduction (a probe: dQ stays zero)
   from pallas_kernels.sliding_window_attention import flash_gpu
@@ -326,8 +339,7 @@ def mosaic_ab(args):
     except Exception as e:
       traceback.print_exc()
       res["rows"].append(dict(t=t, impl=name, mode="bwd", error=repr(e)[:500]))
-  with open(os.path.join(os.environ.get("OUT", "."), "swa_mosaic.json"), "w") as fh:
-    json.dump(res, fh, indent=1)
+  save()
 
 
 def main():
@@ -338,6 +350,8 @@ def main():
   ap.add_argument("--tune", action="store_true", help="only the variant/decode comparison")
   ap.add_argument("--mosaic-ab", action="store_true", help="only the Mosaic GPU forward's variants vs ours and cuDNN")
   ap.add_argument("--mosaic-variants", default=",".join(MOSAIC_VARIANTS))
+  ap.add_argument("--no-bwd-alone", action="store_true", help="skip the backward-alone timings")
+  ap.add_argument("--no-triton", action="store_true", help="leave the Triton kernel out of the --mosaic-ab timings")
   ap.add_argument("--fwd-only", default="", help="implementations timed forward only (comma-separated)")
   args = ap.parse_args()
   if args.mosaic_ab:

@@ -194,7 +194,7 @@ def _fwd(q, k, v, *, scale, window, block_q, block_k, stages, pingpong):
 
 
 def _bwd(q, k, v, o, lse, do, *, scale, window, block_q, block_k, stages, dq_mode="reduce", group_dq=False,
-         dq_buffers=1, defer_dq=False):
+         dq_buffers=1, defer_dq=False, registers=(240, 24)):
   """dQ, dK, dV in one kernel: per CTA ``2 * block_k`` keys of one kv head (one compute warpgroup per ``block_k``),
   walking the ``G`` query heads of the group and, per head, the query blocks that see those keys. Five products per
   (query block, key block): S^T, dV += P^T dO, dP^T, dK += dS^T Q, and dQ's share dS K, which is added into a float32
@@ -203,7 +203,8 @@ def _bwd(q, k, v, o, lse, do, *, scale, window, block_q, block_k, stages, dq_mod
   one CTA adds one [block_q, D] share per query block (not two). The products go to the tensor cores in two groups
   per pair, (S^T, dP^T), (dV, dK), then dQ (``group_dq=True``: dQ with dV and dK). ``defer_dq``: each step computes
   the previous step's dQ share, whose pooled dS^T is then (nearly always) complete, so that the warpgroups do not
-  wait for each other every step. ``dq_buffers``:
+  wait for each other every step. ``registers``: per-thread registers of a compute and of the memory warpgroup
+  (setmaxnreg; 2 x compute + memory <= 504). ``dq_buffers``:
   shared-memory buffers per warpgroup for the dQ share (2: a reduction may still be reading one while the next is
   written). ``dq_mode="none"`` leaves dQ's product and
   reduction out (a timing probe only: dQ is then zero)."""
@@ -237,7 +238,7 @@ def _bwd(q, k, v, o, lse, do, *, scale, window, block_q, block_k, stages, dq_mod
 
     @pl.when(wg < 2)
     def _compute():
-      plgpu.set_max_registers(240, action="increase")
+      plgpu.set_max_registers(registers[0], action="increase")
       k0 = cta_k0 + wg * block_k
       mine = pl.ds(wg * block_k, block_k)
       my_k, my_v = k_smem.at[mine], v_smem.at[mine]
@@ -357,7 +358,7 @@ def _bwd(q, k, v, o, lse, do, *, scale, window, block_q, block_k, stages, dq_mod
 
     @pl.when(wg == 2)
     def _memory():
-      plgpu.set_max_registers(24, action="decrease")
+      plgpu.set_max_registers(registers[1], action="decrease")
 
       def fetch(s, slot):
         gi = lax.div(s, n)
@@ -425,7 +426,8 @@ class _Config:
     self.backward = kw["backward"]
     if self.backward == "mosaic":
       self.bwd = dict(scale=kw["scale"], window=kw["window"], block_q=kw["bwd_block_q"], block_k=kw["bwd_block_k"],
-                      stages=kw["bwd_stages"], defer_dq=kw["bwd_defer_dq"], group_dq=kw["bwd_group_dq"])
+                      stages=kw["bwd_stages"], defer_dq=kw["bwd_defer_dq"], group_dq=kw["bwd_group_dq"],
+                      registers=kw["bwd_registers"])
     else:
       self.bwd = dict(scale=kw["scale"], window=kw["window"], interpret=False, block_q=kw["bwd_block_q"],
                       block_k=kw["bwd_block_k"], num_warps=kw["bwd_num_warps"], num_stages=kw["bwd_stages"])
@@ -459,12 +461,12 @@ _attention.defvjp(_attention_fwd, _attention_bwd)
 
 def flash_attention(q, k, v, *, window, segment_ids=None, scale=None, block_q=64, block_k=128, stages=2,
                     pingpong=True, backward="mosaic", bwd_block_q=64, bwd_block_k=64, bwd_stages=2,
-                    bwd_num_warps=8, bwd_defer_dq=False, bwd_group_dq=False):
+                    bwd_num_warps=8, bwd_defer_dq=False, bwd_group_dq=False, bwd_registers=(240, 24)):
   """Sliding-window (``window=None``: full) causal attention, ``q [B,T,Hq,D]``, ``k, v [B,T,Hkv,D]`` in bf16 or
   float16, ``D`` a multiple of 64. Differentiable. ``backward``: ``"mosaic"`` (``_bwd``: one kernel, five products
   per block pair, ``bwd_block_k`` keys per compute warpgroup) or ``"triton"`` (``flash_gpu``'s two kernels, which
   recompute S and dP for dQ; ``bwd_block_q`` x ``bwd_block_k`` is then its dK/dV kernel's block). ``bwd_defer_dq``,
-  ``bwd_group_dq``: the Mosaic backward's ``defer_dq`` and ``group_dq``."""
+  ``bwd_group_dq``, ``bwd_registers``: the Mosaic backward's ``defer_dq``, ``group_dq`` and ``registers``."""
   if segment_ids is not None:
     raise ValueError("the Mosaic GPU kernel takes no segment_ids; packed batches need backend='pallas_gpu' or 'xla'")
   if backward not in ("mosaic", "triton"):
@@ -488,5 +490,6 @@ def flash_attention(q, k, v, *, window, segment_ids=None, scale=None, block_q=64
     window = None
   cfg = _Config(scale=scale, window=window, block_q=block_q, block_k=block_k, stages=stages, pingpong=pingpong,
                 backward=backward, bwd_block_q=bwd_block_q, bwd_block_k=bwd_block_k, bwd_stages=bwd_stages,
-                bwd_num_warps=bwd_num_warps, bwd_defer_dq=bwd_defer_dq, bwd_group_dq=bwd_group_dq)
+                bwd_num_warps=bwd_num_warps, bwd_defer_dq=bwd_defer_dq, bwd_group_dq=bwd_group_dq,
+                bwd_registers=tuple(bwd_registers))
   return _attention(q, k, v, cfg)[:, :t]
