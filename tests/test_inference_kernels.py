@@ -226,6 +226,16 @@ def test_cache_backend_choice(monkeypatch):
     assert choose_cache_backend(4096) == "xla"
 
 
+@pytest.mark.parametrize("chosen,expected", [("cudnn", "auto"), ("mosaic_gpu", "auto"), ("xla", "xla"),
+                                             ("pallas_gpu", "pallas_gpu"), ("auto", "auto")])
+def test_cache_path_maps_kernels_without_a_cache_form(chosen, expected):
+    """cuDNN and the Mosaic GPU kernels have no chunk-against-ring form: choosing them for attention leaves the
+    cache path (prefill chunks, decode) on its own automatic choice."""
+    from infinitevl_jax import ops
+    with ops.use_backends(attention=chosen):
+        assert ops._cache_backend() == expected
+
+
 def test_auto_dispatch_uses_the_kernel_for_prefill_chunks(monkeypatch):
     """On an sm80+ GPU, ``attend_to_cache(backend="auto")`` traces the chunk kernel for a 64-query chunk, the decode
     kernel for one query and XLA in between."""
