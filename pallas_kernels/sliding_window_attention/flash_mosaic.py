@@ -49,6 +49,22 @@ def supported() -> bool:
     return False
 
 
+def _stream(fetch, total, stages, free):
+  """The memory warpgroup's loop: ``fetch(s, slot)`` issues step ``s``'s copies into ring slot ``slot``; the first
+  ``stages`` steps fill the ring, then step ``s`` waits until every barrier array in ``free`` has seen slot
+  ``s % stages`` released by the compute warpgroups."""
+  plgpu = _plgpu()
+  for s in range(stages):
+    pl.when(s < total)(functools.partial(fetch, s, s))
+
+  @pl.loop(stages, jnp.maximum(total, stages))
+  def _refill(s):
+    slot = lax.rem(s, stages)
+    for barrier in free:
+      plgpu.barrier_wait(barrier.at[slot])
+    fetch(s, slot)
+
+
 def _fwd(q, k, v, *, scale, window, block_q, block_k, stages, pingpong):
   plgpu = _plgpu()
   b, t, hq, d = q.shape
@@ -157,15 +173,7 @@ def _fwd(q, k, v, *, scale, window, block_q, block_k, stages, pingpong):
         plgpu.copy_gmem_to_smem(k_ref.at[src], k_smem.at[slot], k_ready.at[slot])
         plgpu.copy_gmem_to_smem(v_ref.at[src], v_smem.at[slot], v_ready.at[slot])
 
-      for s in range(stages):
-        pl.when(s < n)(functools.partial(fetch, s, s))
-
-      @pl.loop(stages, jnp.maximum(n, stages))
-      def _refill(s):
-        slot = lax.rem(s, stages)
-        plgpu.barrier_wait(k_free.at[slot])
-        plgpu.barrier_wait(v_free.at[slot])
-        fetch(s, slot)
+      _stream(fetch, n, stages, (k_free, v_free))
 
   tiled = dict(transforms=(plgpu.TilingTransform((8, 64)), plgpu.SwizzleTransform(128)))
   scratch = [
@@ -372,15 +380,7 @@ def _bwd(q, k, v, o, lse, do, *, scale, window, block_q, block_k, stages, dq_mod
         plgpu.copy_gmem_to_smem(dl_ref.at[bi, h, pl.ds(i * block_q, block_q)], dl_smem.at[slot],
                                 dl_ready.at[slot])
 
-      total = g * n
-      for s in range(stages):
-        pl.when(s < total)(functools.partial(fetch, s, s))
-
-      @pl.loop(stages, jnp.maximum(total, stages))
-      def _refill(s):
-        slot = lax.rem(s, stages)
-        plgpu.barrier_wait(slot_free.at[slot])
-        fetch(s, slot)
+      _stream(fetch, g * n, stages, (slot_free,))
 
   tiled = dict(transforms=(plgpu.TilingTransform((8, 64)), plgpu.SwizzleTransform(128)))
   scratch = [
