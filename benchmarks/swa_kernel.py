@@ -12,6 +12,7 @@ Writes ``$OUT/swa_kernel.json`` and ``$OUT/swa_kernel.png``; prints the table la
 
     python benchmarks/swa_kernel.py            # on the GPU machine
     python benchmarks/swa_kernel.py --mosaic-ab --lengths 65536   # Mosaic GPU variants, and the backward alone
+    python benchmarks/swa_kernel.py --plot-from results/swa_kernel.json   # redraw a saved run's plot
 """
 
 from __future__ import annotations
@@ -342,6 +343,36 @@ def mosaic_ab(args):
   save()
 
 
+LABELS = {"ours": "ours (Triton)", "ours_mosaic": "ours (Mosaic GPU)", "cudnn_window": "cuDNN window",
+          "cudnn_full": "cuDNN full causal"}
+
+
+def plot(rows, meta, path):
+  """Time against sequence length, forward and forward+backward, one line per implementation."""
+  try:
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    fig, axes = plt.subplots(1, 2, figsize=(11, 4.2))
+    for ax, mode in zip(axes, ("fwd", "fwd+bwd")):
+      for name, label in LABELS.items():
+        pts = [(r["t"], r["ms"]) for r in rows if r["impl"] == name and r["mode"] == mode and "ms" in r]
+        if pts:
+          ax.plot(*zip(*pts), marker="o", label=label)
+      ax.set_xscale("log", base=2)
+      ax.set_yscale("log")
+      ax.set_xlabel("sequence length")
+      ax.set_ylabel("ms")
+      ax.set_title(f"{mode}", fontsize=10)
+      ax.legend(fontsize=8)
+    fig.suptitle(f"Sliding-window attention, Hq 16 Hkv 2 D 128 W 8192 bf16, {meta['device']}, JAX {meta['jax']}",
+                 fontsize=10)
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+  except Exception:
+    traceback.print_exc()
+
+
 def main():
   ap = argparse.ArgumentParser()
   ap.add_argument("--reps", type=int, default=10)
@@ -353,7 +384,13 @@ def main():
   ap.add_argument("--no-bwd-alone", action="store_true", help="skip the backward-alone timings")
   ap.add_argument("--no-triton", action="store_true", help="leave the Triton kernel out of the --mosaic-ab timings")
   ap.add_argument("--fwd-only", default="", help="implementations timed forward only (comma-separated)")
+  ap.add_argument("--plot-from", default=None, help="only redraw the plot of a saved swa_kernel.json")
   args = ap.parse_args()
+  if args.plot_from:
+    with open(args.plot_from) as fh:
+      saved = json.load(fh)
+    plot(saved["rows"], saved["meta"], os.path.splitext(args.plot_from)[0] + ".png")
+    return
   if args.mosaic_ab:
     mosaic_ab(args)
     return
@@ -409,27 +446,7 @@ def main():
 
   with open(os.path.join(out_dir, "swa_kernel.json"), "w") as fh:
     json.dump(dict(meta=meta, rows=rows, log=log), fh, indent=1)
-  try:
-    import matplotlib
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-    fig, axes = plt.subplots(1, 2, figsize=(10, 4))
-    for ax, mode in zip(axes, ("fwd", "fwd+bwd")):
-      for name in ("ours", "ours_mosaic", "cudnn_window", "cudnn_full"):
-        pts = [(r["t"], r["ms"]) for r in rows if r["impl"] == name and r["mode"] == mode
-               and "ms" in r]
-        if pts:
-          ax.plot(*zip(*pts), marker="o", label=name)
-      ax.set_xscale("log", base=2)
-      ax.set_yscale("log")
-      ax.set_xlabel("sequence length")
-      ax.set_ylabel("ms")
-      ax.set_title(f"SWA {mode}, Hq16 Hkv2 D128 W8192 bf16, {dev.device_kind}")
-      ax.legend()
-    fig.tight_layout()
-    fig.savefig(os.path.join(out_dir, "swa_kernel.png"), dpi=100)
-  except Exception:
-    traceback.print_exc()
+  plot(rows, meta, os.path.join(out_dir, "swa_kernel.png"))
 
   # the table, last
   get = lambda t, n, m: next((r.get("ms") for r in rows if r["t"] == t and r["impl"] == n
