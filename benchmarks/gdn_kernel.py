@@ -38,6 +38,8 @@ import threading
 import time
 
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
+sys.path.insert(0, os.path.dirname(__file__))
+import plotting  # noqa: E402  (benchmarks/plotting.py)
 
 import jax
 import jax.numpy as jnp
@@ -401,27 +403,11 @@ def table(report):
 
 
 def plot(report, out):
-  try:
-    import matplotlib
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-    fig, axes = plt.subplots(1, 2, figsize=(10, 4))
-    for ax, mode in zip(axes, ("fwd", "fwdbwd")):
-      for name in ("ours", "fla", "xla"):
-        pts = [(T, r[f"{name}_{mode}_ms"]) for T, r in sorted(report["timing"].items())
-               if r.get(f"{name}_{mode}_ms")]
-        if pts:
-          ax.plot(*zip(*pts), marker="o", label=name)
-      ax.set_xscale("log", base=2)
-      ax.set_yscale("log")
-      ax.set_xlabel("T")
-      ax.set_ylabel("ms")
-      ax.set_title(f"GDN {mode}, B=1 H=16 K=128 V=256 bf16\n{report['info']['device']}", fontsize=9)
-      ax.legend()
-    fig.tight_layout()
-    fig.savefig(os.path.join(out, "gdn_kernel.png"), dpi=100)
-  except Exception as e:  # noqa: BLE001
-    print("plot failed:", e, flush=True)
+  panels = {f"GDN {mode}": {name: [(int(T), r[f"{name}_{mode}_ms"]) for T, r in report["timing"].items()
+                                  if r.get(f"{name}_{mode}_ms")] for name in ("ours", "fla", "xla")}
+            for mode in ("fwd", "fwdbwd")}
+  plotting.time_vs_length(os.path.join(out, "gdn_kernel.png"), panels,
+                          f"B=1 H=16 K=128 V=256 bf16, {report['info']['device']}", xlabel="T")
 
 
 _DONE = threading.Lock()

@@ -27,9 +27,11 @@ import traceback
 import numpy as np
 
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
+sys.path.insert(0, os.path.dirname(__file__))
 
 import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
+import plotting  # noqa: E402  (benchmarks/plotting.py)
 
 from pallas_kernels.sliding_window_attention import attention_reference  # noqa: E402
 from pallas_kernels.sliding_window_attention import sliding_window_attention  # noqa: E402
@@ -349,28 +351,10 @@ LABELS = {"ours": "ours (Triton)", "ours_mosaic": "ours (Mosaic GPU)", "cudnn_wi
 
 def plot(rows, meta, path):
   """Time against sequence length, forward and forward+backward, one line per implementation."""
-  try:
-    import matplotlib
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-    fig, axes = plt.subplots(1, 2, figsize=(11, 4.2))
-    for ax, mode in zip(axes, ("fwd", "fwd+bwd")):
-      for name, label in LABELS.items():
-        pts = [(r["t"], r["ms"]) for r in rows if r["impl"] == name and r["mode"] == mode and "ms" in r]
-        if pts:
-          ax.plot(*zip(*pts), marker="o", label=label)
-      ax.set_xscale("log", base=2)
-      ax.set_yscale("log")
-      ax.set_xlabel("sequence length")
-      ax.set_ylabel("ms")
-      ax.set_title(f"{mode}", fontsize=10)
-      ax.legend(fontsize=8)
-    fig.suptitle(f"Sliding-window attention, Hq 16 Hkv 2 D 128 W 8192 bf16, {meta['device']}, JAX {meta['jax']}",
-                 fontsize=10)
-    fig.tight_layout()
-    fig.savefig(path, dpi=100)
-  except Exception:
-    traceback.print_exc()
+  panels = {mode: {label: [(r["t"], r["ms"]) for r in rows if r["impl"] == name and r["mode"] == mode and "ms" in r]
+                   for name, label in LABELS.items()} for mode in ("fwd", "fwd+bwd")}
+  plotting.time_vs_length(path, panels, f"Sliding-window attention, Hq 16 Hkv 2 D 128 W 8192 bf16, {meta['device']}, "
+                                        f"JAX {meta['jax']}")
 
 
 def main():
