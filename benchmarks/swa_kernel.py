@@ -251,8 +251,7 @@ def decode_case(res, c, args):
 MOSAIC_VARIANTS = {
     "mosaic": dict(),  # the defaults: forward 64 x 2 rows x 128 keys, 2 stages, ping-pong; Mosaic backward
     "mosaic_bwd_triton": dict(backward="triton", bwd_block_q=64, bwd_block_k=128, bwd_stages=3),
-    "mosaic_defer": dict(bwd_defer_dq=True),
-    "mosaic_defer_group": dict(bwd_defer_dq=True, bwd_group_dq=True),
+    "mosaic_group": dict(bwd_group_dq=True),
     "mosaic_r232": dict(bwd_registers=(232, 40)),
     "mosaic_r224": dict(bwd_registers=(224, 56)),
 }
@@ -327,10 +326,6 @@ def mosaic_ab(args):
                                                              interpret=False)),
       "mosaic_bwd": lambda: jax.jit(lambda *a: flash_mosaic._bwd(*a, scale=scale, window=W, block_q=64, block_k=64,
                                                                  stages=2)),
-      "mosaic_bwd_defer": lambda: jax.jit(lambda *a: flash_mosaic._bwd(*a, scale=scale, window=W, block_q=64,
-                                                                       block_k=64, stages=2, defer_dq=True)),
-      "mosaic_bwd_defer_group": lambda: jax.jit(lambda *a: flash_mosaic._bwd(
-          *a, scale=scale, window=W, block_q=64, block_k=64, stages=2, defer_dq=True, group_dq=True)),
       "mosaic_bwd_no_dq": lambda: jax.jit(lambda *a: flash_mosaic._bwd(*a, scale=scale, window=W, block_q=64,
                                                                        block_k=64, stages=2, dq_mode="none")),
   }

@@ -202,17 +202,16 @@ def _fwd(q, k, v, *, scale, window, block_q, block_k, stages, pingpong):
 
 
 def _bwd(q, k, v, o, lse, do, *, scale, window, block_q, block_k, stages, dq_mode="reduce", group_dq=False,
-         dq_buffers=1, defer_dq=False, registers=(240, 24)):
+         dq_buffers=1, registers=(240, 24)):
   """dQ, dK, dV in one kernel: per CTA ``2 * block_k`` keys of one kv head (one compute warpgroup per ``block_k``),
   walking the ``G`` query heads of the group and, per head, the query blocks that see those keys. Five products per
   (query block, key block): S^T, dV += P^T dO, dP^T, dK += dS^T Q, and dQ's share dS K, which is added into a float32
   dQ in global memory by a TMA reduction (no recomputation of S and dP in a second kernel). For dQ the two compute
   warpgroups pool their dS^T rows in shared memory and each takes half of dQ's columns over all the CTA's keys, so
   one CTA adds one [block_q, D] share per query block (not two). The products go to the tensor cores in two groups
-  per pair, (S^T, dP^T), (dV, dK), then dQ (``group_dq=True``: dQ with dV and dK). ``defer_dq``: each step computes
-  the previous step's dQ share, whose pooled dS^T is then (nearly always) complete, so that the warpgroups do not
-  wait for each other every step. ``registers``: per-thread registers of a compute and of the memory warpgroup
-  (setmaxnreg; 2 x compute + memory <= 504). ``dq_buffers``:
+  per pair, (S^T, dP^T), (dV, dK), then dQ (``group_dq=True``: dQ with dV and dK, measured slower). ``registers``:
+  per-thread registers of a compute and of the memory warpgroup (setmaxnreg; 2 x compute + memory <= 504).
+  ``dq_buffers``:
   shared-memory buffers per warpgroup for the dQ share (2: a reduction may still be reading one while the next is
   written). ``dq_mode="none"`` leaves dQ's product and
   reduction out (a timing probe only: dQ is then zero)."""
@@ -229,10 +228,6 @@ def _bwd(q, k, v, o, lse, do, *, scale, window, block_q, block_k, stages, dq_mod
   delta = jnp.einsum("bthd,bthd->bht", do.astype(jnp.float32), o.astype(jnp.float32))
 
   half = d // 2  # dQ's columns per compute warpgroup
-  # dS^T buffers: with dQ's product in its own step, 2 suffice (a warpgroup reaches step s + 2 only after the other
-  # passed step s + 1's barrier, i.e. finished step s's product); deferred by one step, a buffer is read up to a
-  # step later, so 4
-  ds_bufs = 4 if defer_dq else 2
 
   def body(q_ref, k_ref, v_ref, do_ref, lse_ref, dl_ref, dq_ref, dk_ref, dv_ref,
            k_smem, v_smem, q_smem, do_smem, lse_smem, dl_smem, ds_smem, dq_smem,
@@ -259,27 +254,6 @@ def _bwd(q, k, v, o, lse, do, *, scale, window, block_q, block_k, stages, dq_mod
       _, lo_f, hi_f, _ = flash_gpu._q_block_range(k0, block_q, block_k, nq, window)
       lo_f = jnp.clip(lo_f, lo, hi)
       hi_f = jnp.clip(hi_f, lo_f, hi)
-
-      zeros_q = plgpu.layout_cast(jnp.zeros((block_q, half), jnp.float32), wgmma_layout)
-
-      def ds_slot(sq):  # sq >= -1
-        return lax.rem(sq + ds_bufs, ds_bufs)
-
-      def dq_product(acc_ref, sq):
-        # dQ's share over the CTA's keys, this warpgroup's half of the columns: dS K[:, cols], with dS the
-        # transposed dS^T of both warpgroups
-        plgpu.wgmma(acc_ref, plgpu.transpose_ref(ds_smem.at[ds_slot(sq)], (1, 0)), k_smem.at[:, my_cols])
-
-      def reduce_dq(dq, sq):
-        """Adds step sq's dQ share into the float32 dQ by a TMA reduction (sq = -1: zeros, into step 0's rows)."""
-        sq = jnp.maximum(sq, 0)
-        h = kvh * g + lax.div(sq, n)
-        i = lo + lax.rem(sq, n)
-        plgpu.wait_smem_to_gmem(dq_buffers - 1, wait_read_only=True)  # that buffer's last reduction has read it
-        my_dq = dq_smem.at[wg, lax.rem(sq, dq_buffers)]
-        my_dq[...] = dq
-        plgpu.commit_smem()
-        plgpu.copy_smem_to_gmem(my_dq, dq_ref.at[bi, pl.ds(i * block_q, block_q), h, my_cols], reduction_op="add")
 
       def step(i, carry, gi, masked):
         dk, dv = carry
@@ -310,33 +284,45 @@ def _bwd(q, k, v, o, lse, do, *, scale, window, block_q, block_k, stages, dq_mod
         plgpu.barrier_wait(dl_ready.at[slot])
         dl = plgpu.load(dl_smem.at[slot], (), layout=col_layout)
         dst = (pt * (dpt - lax.broadcast_in_dim(dl, st.shape, [1]))).astype(dtype)
+        par = lax.rem(s, 2)
         if dq_mode == "reduce":
-          # dS^T's rows of this warpgroup's keys, for a dQ product (as its transposed left operand), in ds_bufs
-          # buffers by step (see ds_bufs)
-          ds_smem.at[ds_slot(s), mine][...] = dst
+          # dS^T's rows of this warpgroup's keys, for dQ's product below (as its transposed left operand); two
+          # buffers by step parity: a warpgroup reaches step s + 2 only after the other has passed step s + 1's
+          # barrier, i.e. finished step s's dQ product
+          ds_smem.at[par, mine][...] = dst
           plgpu.commit_smem()
-          plgpu.barrier_arrive(ds_ready.at[ds_slot(s)])
-        sq = s - 1 if defer_dq else s  # the step whose dQ share this one computes
-        with_dq = dq_mode == "reduce" and group_dq
-        if with_dq:
-          plgpu.barrier_wait(ds_ready.at[ds_slot(sq)])
+          plgpu.barrier_arrive(ds_ready.at[par])
+
+        if dq_mode == "reduce" and group_dq:
+          plgpu.barrier_wait(ds_ready.at[par])
 
         def dv_dk_dq(refs):
           plgpu.wgmma(refs[0], pt.astype(dtype), do_smem.at[slot])
           plgpu.wgmma(refs[1], dst, q_smem.at[slot])
           if len(refs) == 3:
-            dq_product(refs[2], sq)
+            # dQ's share over the CTA's keys, this warpgroup's half of the columns: dS K[:, cols], with dS the
+            # transposed dS^T of both warpgroups
+            plgpu.wgmma(refs[2], plgpu.transpose_ref(ds_smem.at[par], (1, 0)), k_smem.at[:, my_cols])
 
-        if with_dq:
+        zeros_q = plgpu.layout_cast(jnp.zeros((block_q, half), jnp.float32), wgmma_layout)
+        if dq_mode == "reduce" and group_dq:
           dv, dk, dq = pl.run_state(dv_dk_dq)((plgpu.ACC.init(dv), plgpu.ACC.init(dk), plgpu.ACC.init(zeros_q)))
         else:
           dv, dk = pl.run_state(dv_dk_dq)((plgpu.ACC.init(dv), plgpu.ACC.init(dk)))
         plgpu.barrier_arrive(slot_free.at[slot])
         if dq_mode == "reduce":
           if not group_dq:
-            plgpu.barrier_wait(ds_ready.at[ds_slot(sq)])
-            dq = pl.run_state(lambda r: dq_product(r, sq))(plgpu.ACC.init(zeros_q))
-          reduce_dq(dq, sq)
+            plgpu.barrier_wait(ds_ready.at[par])
+            dq = pl.run_state(lambda r: plgpu.wgmma(r, plgpu.transpose_ref(ds_smem.at[par], (1, 0)),
+                                                    k_smem.at[:, my_cols]))(plgpu.ACC.init(zeros_q))
+          # added into the float32 dQ by a TMA reduction
+          # the reduction issued dq_buffers steps ago has read this buffer
+          plgpu.wait_smem_to_gmem(dq_buffers - 1, wait_read_only=True)
+          my_dq = dq_smem.at[wg, lax.rem(s, dq_buffers)]
+          my_dq[...] = dq
+          plgpu.commit_smem()
+          plgpu.copy_smem_to_gmem(my_dq, dq_ref.at[bi, pl.ds(i * block_q, block_q), h, my_cols],
+                                  reduction_op="add")
         return dk, dv
 
       def per_head(gi, carry):
@@ -344,16 +330,8 @@ def _bwd(q, k, v, o, lse, do, *, scale, window, block_q, block_k, stages, dq_mod
         carry = lax.fori_loop(lo_f, hi_f, functools.partial(step, gi=gi, masked=False), carry)
         return lax.fori_loop(hi_f, hi, functools.partial(step, gi=gi, masked=True), carry)
 
-      if dq_mode == "reduce" and defer_dq:  # step -1: a zero dS^T, so that step 0's deferred product adds nothing
-        ds_smem.at[ds_slot(-1), mine][...] = plgpu.layout_cast(jnp.zeros((block_k, block_q), dtype), wgmma_layout)
-        plgpu.commit_smem()
-        plgpu.barrier_arrive(ds_ready.at[ds_slot(-1)])
       zeros = plgpu.layout_cast(jnp.zeros((block_k, d), jnp.float32), wgmma_layout)
       dk, dv = lax.fori_loop(0, g, per_head, (zeros, zeros))
-      if dq_mode == "reduce" and defer_dq:  # the last step's share
-        last = g * n - 1
-        plgpu.barrier_wait(ds_ready.at[ds_slot(last)])
-        reduce_dq(pl.run_state(lambda r: dq_product(r, last))(plgpu.ACC.init(zeros_q)), last)
       plgpu.wait_smem_to_gmem(0)
       plgpu.barrier_arrive(done)  # the other warpgroup's last dQ product has read these keys
       plgpu.barrier_wait(done)
@@ -390,7 +368,7 @@ def _bwd(q, k, v, o, lse, do, *, scale, window, block_q, block_k, stages, dq_mod
       plgpu.SMEM((stages, block_q, d), dtype, **tiled),  # dO ring
       plgpu.SMEM((stages, block_q), jnp.float32),  # lse ring
       plgpu.SMEM((stages, block_q), jnp.float32),  # delta ring
-      plgpu.SMEM((ds_bufs, keys, block_q), dtype, **tiled),  # dS^T by step, block_k rows per warpgroup
+      plgpu.SMEM((2, keys, block_q), dtype, **tiled),  # dS^T by step parity, block_k rows per warpgroup
       plgpu.SMEM((2, dq_buffers, block_q, half), jnp.float32, transforms=(plgpu.TilingTransform((8, 32)),
                                                              plgpu.SwizzleTransform(128))),  # dQ share
       plgpu.Barrier(num_barriers=2),  # k_ready
@@ -400,7 +378,7 @@ def _bwd(q, k, v, o, lse, do, *, scale, window, block_q, block_k, stages, dq_mod
       plgpu.Barrier(num_barriers=stages),  # lse_ready
       plgpu.Barrier(num_barriers=stages),  # dl_ready
       plgpu.Barrier(num_arrivals=2, num_barriers=stages),  # slot_free
-      plgpu.Barrier(num_arrivals=2, num_barriers=ds_bufs),  # ds_ready, by step
+      plgpu.Barrier(num_arrivals=2, num_barriers=2),  # ds_ready, by step parity
       plgpu.Barrier(num_arrivals=2),  # done
   ]
   mesh = plgpu.Mesh(grid=(hkv, t // keys, b), grid_names=("heads", "k_seq", "batch"), num_threads=3,
@@ -426,8 +404,7 @@ class _Config:
     self.backward = kw["backward"]
     if self.backward == "mosaic":
       self.bwd = dict(scale=kw["scale"], window=kw["window"], block_q=kw["bwd_block_q"], block_k=kw["bwd_block_k"],
-                      stages=kw["bwd_stages"], defer_dq=kw["bwd_defer_dq"], group_dq=kw["bwd_group_dq"],
-                      registers=kw["bwd_registers"])
+                      stages=kw["bwd_stages"], group_dq=kw["bwd_group_dq"], registers=kw["bwd_registers"])
     else:
       self.bwd = dict(scale=kw["scale"], window=kw["window"], interpret=False, block_q=kw["bwd_block_q"],
                       block_k=kw["bwd_block_k"], num_warps=kw["bwd_num_warps"], num_stages=kw["bwd_stages"])
@@ -461,12 +438,12 @@ _attention.defvjp(_attention_fwd, _attention_bwd)
 
 def flash_attention(q, k, v, *, window, segment_ids=None, scale=None, block_q=64, block_k=128, stages=2,
                     pingpong=True, backward="mosaic", bwd_block_q=64, bwd_block_k=64, bwd_stages=2,
-                    bwd_num_warps=8, bwd_defer_dq=False, bwd_group_dq=False, bwd_registers=(240, 24)):
+                    bwd_num_warps=8, bwd_group_dq=False, bwd_registers=(240, 24)):
   """Sliding-window (``window=None``: full) causal attention, ``q [B,T,Hq,D]``, ``k, v [B,T,Hkv,D]`` in bf16 or
   float16, ``D`` a multiple of 64. Differentiable. ``backward``: ``"mosaic"`` (``_bwd``: one kernel, five products
   per block pair, ``bwd_block_k`` keys per compute warpgroup) or ``"triton"`` (``flash_gpu``'s two kernels, which
-  recompute S and dP for dQ; ``bwd_block_q`` x ``bwd_block_k`` is then its dK/dV kernel's block). ``bwd_defer_dq``,
-  ``bwd_group_dq``, ``bwd_registers``: the Mosaic backward's ``defer_dq``, ``group_dq`` and ``registers``."""
+  recompute S and dP for dQ; ``bwd_block_q`` x ``bwd_block_k`` is then its dK/dV kernel's block). ``bwd_group_dq``,
+  ``bwd_registers``: the Mosaic backward's ``group_dq`` and ``registers``."""
   if segment_ids is not None:
     raise ValueError("the Mosaic GPU kernel takes no segment_ids; packed batches need backend='pallas_gpu' or 'xla'")
   if backward not in ("mosaic", "triton"):
@@ -490,6 +467,5 @@ def flash_attention(q, k, v, *, window, segment_ids=None, scale=None, block_q=64
     window = None
   cfg = _Config(scale=scale, window=window, block_q=block_q, block_k=block_k, stages=stages, pingpong=pingpong,
                 backward=backward, bwd_block_q=bwd_block_q, bwd_block_k=bwd_block_k, bwd_stages=bwd_stages,
-                bwd_num_warps=bwd_num_warps, bwd_defer_dq=bwd_defer_dq, bwd_group_dq=bwd_group_dq,
-                bwd_registers=tuple(bwd_registers))
+                bwd_num_warps=bwd_num_warps, bwd_group_dq=bwd_group_dq, bwd_registers=tuple(bwd_registers))
   return _attention(q, k, v, cfg)[:, :t]
