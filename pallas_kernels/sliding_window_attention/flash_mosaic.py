@@ -1,22 +1,25 @@
-"""Sliding-window flash attention forward for Hopper GPUs (sm90), in Pallas's Mosaic GPU lowering.
+"""Sliding-window flash attention for Hopper GPUs (sm90), forward and backward, in Pallas's Mosaic GPU lowering.
 
 The Triton lowering (``flash_gpu``) gives each program one instruction stream: the tensor-core products, the
-softmax and the loads take turns. Here each program (CTA) is three warpgroups:
-  - one *memory* warpgroup streams the kv head's key and value blocks of the window into a ring of ``stages``
-    shared-memory slots with TMA copies, refilling a slot once both compute warpgroups have released it;
-  - two *compute* warpgroups each own ``block_q`` query rows (the CTA covers ``2 * block_q`` consecutive rows of
-    one query head) and run the online softmax over the same key blocks with asynchronous wgmma products;
-  - with ``pingpong`` the compute warpgroups take turns on the tensor cores through a shared barrier: while one
-    runs its softmax (exp2 on the SFU, reductions) the other's products run.
+softmax and the loads take turns. Here each program (CTA) is three warpgroups, one *memory* warpgroup issuing TMA
+copies into rings of shared-memory slots (``_stream``) and two *compute* warpgroups running asynchronous wgmma
+products on what it brings:
+  - forward (``_fwd``): the compute warpgroups each own ``block_q`` query rows of one head (the CTA covers
+    ``2 * block_q`` rows) and run the online softmax over the window's key/value blocks, which the memory warpgroup
+    streams into ``stages`` slots; with ``pingpong`` they take turns on the tensor cores through a shared barrier,
+    so that one's softmax (exp2 on the SFU, reductions) runs while the other's products do;
+  - backward (``_bwd``): the compute warpgroups each own ``block_k`` keys of one kv head, and the memory warpgroup
+    streams (q, dO, lse, delta) blocks of every query head of the group that sees those keys; five products per
+    block pair, dQ added by TMA reductions (see ``_bwd``).
 
-The window and causality are the ``flash_gpu`` rule (query ``t`` sees keys ``(t - window, t]``); the CTA walks the
-key blocks its rows can see, and each compute warpgroup masks only the blocks that cross its rows' window edge or
+The window and causality are the ``flash_gpu`` rule (query ``t`` sees keys ``(t - window, t]``): a CTA walks only the
+blocks its rows can see, and each compute warpgroup masks only the blocks that cross its rows' window edge or
 diagonal. Softmax in base 2 with ``scale * log2(e)`` applied to the float32 scores; the saved log-sum-exp
-``[B, Hq, T]`` (base 2) is the one ``flash_gpu``'s backward kernels take, so the gradient is theirs.
+``[B, Hq, T]`` (base 2) is ``flash_gpu``'s too, so either backward can follow this forward (``backward=``).
 
-No segment ids (packed batches go to ``flash_gpu``); ``T`` is padded to a multiple of ``2 * block_q`` and
-``block_k`` (padded keys lie after every real query). Runs only compiled on an sm90 GPU; on other hosts the
-kernel can be lowered (``lower(lowering_platforms=("cuda",))``) but not run.
+No segment ids (packed batches go to ``flash_gpu``); ``T`` is padded to a multiple of the blocks (padded keys lie
+after every real query). Runs only compiled on an sm90 GPU; on other hosts the kernels can be lowered
+(``lower(lowering_platforms=("cuda",))``: Mosaic's layout inference and shared-memory budget run then) but not run.
 """
 
 from __future__ import annotations
