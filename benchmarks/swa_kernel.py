@@ -324,11 +324,14 @@ def mosaic_ab(args):
       "triton_bwd": lambda: jax.jit(lambda *a: flash_gpu._bwd(*a[:3], None, *a[3:], scale=scale, window=W, block_q=64,
                                                              block_k=128, num_warps=8, num_stages=3,
                                                              interpret=False)),
-      "mosaic_bwd": lambda: jax.jit(lambda *a: flash_mosaic._bwd(*a, scale=scale, window=W, block_q=64, block_k=64,
-                                                                 stages=2)),
-      "mosaic_bwd_no_dq": lambda: jax.jit(lambda *a: flash_mosaic._bwd(*a, scale=scale, window=W, block_q=64,
-                                                                       block_k=64, stages=2, dq_mode="none")),
   }
+  # the Mosaic backward's variants, and dQ's path in parts: without it, without its reduction, only the reduction
+  variants = {"": {}, "_dq_buffers2": dict(dq_buffers=2), "_stages3": dict(stages=3),
+              "_group_dq": dict(group_dq=True), "_r232": dict(registers=(232, 40)),
+              **{f"_dq_{probe}": dict(dq_mode=probe) for probe in ("none", "store", "reduce_only")}}
+  for suffix, kw in variants.items():
+    kw = dict(dict(block_q=64, block_k=64, stages=2), **kw)
+    bwds["mosaic_bwd" + suffix] = lambda kw=kw: jax.jit(lambda *a: flash_mosaic._bwd(*a, scale=scale, window=W, **kw))
   for name, make in bwds.items():
     try:
       med, lo, hi = timeit(make(), q, k, v, o, lse, do, reps=args.reps)

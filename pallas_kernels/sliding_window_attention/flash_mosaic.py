@@ -216,8 +216,8 @@ def _bwd(q, k, v, o, lse, do, *, scale, window, block_q, block_k, stages, dq_mod
   per-thread registers of a compute and of the memory warpgroup (setmaxnreg; 2 x compute + memory <= 504).
   ``dq_buffers``:
   shared-memory buffers per warpgroup for the dQ share (2: a reduction may still be reading one while the next is
-  written). ``dq_mode="none"`` leaves dQ's product and
-  reduction out (a timing probe only: dQ is then zero)."""
+  written). ``dq_mode``, other than ``"reduce"``, is a timing probe only (dQ is then wrong): ``"none"`` leaves dQ's
+  product and reduction out, ``"store"`` its reduction, ``"reduce_only"`` its product (zeros are added)."""
   plgpu = _plgpu()
   b, t, hq, d = q.shape
   hkv = k.shape[2]
@@ -258,8 +258,17 @@ def _bwd(q, k, v, o, lse, do, *, scale, window, block_q, block_k, stages, dq_mod
       lo_f = jnp.clip(lo_f, lo, hi)
       hi_f = jnp.clip(hi_f, lo_f, hi)
 
+      def operands():
+        """The step's loop-invariant operands (this warpgroup's keys and values, its columns of dQ), with their
+        addresses recomputed in every step: an optimization barrier hides that the warpgroup index is the same.
+        Hoisted out of the loop, their 24 wgmma descriptors (48 registers) were spilled and reloaded before every
+        product, and those reloads' latency bounded the kernel (the backward took 1.2x as long)."""
+        w = lax.optimization_barrier(wg)
+        return k_smem.at[pl.ds(w * block_k, block_k)], v_smem.at[pl.ds(w * block_k, block_k)], pl.ds(w * half, half)
+
       def step(i, carry, gi, masked):
         dk, dv = carry
+        op_k, op_v, op_cols = operands()
         s = gi * n + (i - lo)
         slot = lax.rem(s, stages)
         h = kvh * g + gi
@@ -270,8 +279,8 @@ def _bwd(q, k, v, o, lse, do, *, scale, window, block_q, block_k, stages, dq_mod
 
         def scores_t(refs):  # S^T = K Q^T and dP^T = V dO^T, [block_k, block_q] each, issued together
           st_ref, dpt_ref = refs
-          plgpu.wgmma(st_ref, my_k, plgpu.transpose_ref(q_smem.at[slot], (1, 0)))
-          plgpu.wgmma(dpt_ref, my_v, plgpu.transpose_ref(do_smem.at[slot], (1, 0)))
+          plgpu.wgmma(st_ref, op_k, plgpu.transpose_ref(q_smem.at[slot], (1, 0)))
+          plgpu.wgmma(dpt_ref, op_v, plgpu.transpose_ref(do_smem.at[slot], (1, 0)))
 
         zeros_t = plgpu.layout_cast(jnp.zeros((block_k, block_q), jnp.float32), wgmma_layout)
         st, dpt = pl.run_state(scores_t)((plgpu.ACC.init(zeros_t), plgpu.ACC.init(zeros_t)))
@@ -288,7 +297,8 @@ def _bwd(q, k, v, o, lse, do, *, scale, window, block_q, block_k, stages, dq_mod
         dl = plgpu.load(dl_smem.at[slot], (), layout=col_layout)
         dst = (pt * (dpt - lax.broadcast_in_dim(dl, st.shape, [1]))).astype(dtype)
         par = lax.rem(s, 2)
-        if dq_mode == "reduce":
+        dq_product = dq_mode in ("reduce", "store")
+        if dq_product:
           # dS^T's rows of this warpgroup's keys, for dQ's product below (as its transposed left operand); two
           # buffers by step parity: a warpgroup reaches step s + 2 only after the other has passed step s + 1's
           # barrier, i.e. finished step s's dQ product
@@ -296,7 +306,7 @@ def _bwd(q, k, v, o, lse, do, *, scale, window, block_q, block_k, stages, dq_mod
           plgpu.commit_smem()
           plgpu.barrier_arrive(ds_ready.at[par])
 
-        if dq_mode == "reduce" and group_dq:
+        if dq_product and group_dq:
           plgpu.barrier_wait(ds_ready.at[par])
 
         def dv_dk_dq(refs):
@@ -305,27 +315,30 @@ def _bwd(q, k, v, o, lse, do, *, scale, window, block_q, block_k, stages, dq_mod
           if len(refs) == 3:
             # dQ's share over the CTA's keys, this warpgroup's half of the columns: dS K[:, cols], with dS the
             # transposed dS^T of both warpgroups
-            plgpu.wgmma(refs[2], plgpu.transpose_ref(ds_smem.at[par], (1, 0)), k_smem.at[:, my_cols])
+            plgpu.wgmma(refs[2], plgpu.transpose_ref(ds_smem.at[par], (1, 0)), k_smem.at[:, op_cols])
 
         zeros_q = plgpu.layout_cast(jnp.zeros((block_q, half), jnp.float32), wgmma_layout)
-        if dq_mode == "reduce" and group_dq:
+        if dq_product and group_dq:
           dv, dk, dq = pl.run_state(dv_dk_dq)((plgpu.ACC.init(dv), plgpu.ACC.init(dk), plgpu.ACC.init(zeros_q)))
         else:
           dv, dk = pl.run_state(dv_dk_dq)((plgpu.ACC.init(dv), plgpu.ACC.init(dk)))
         plgpu.barrier_arrive(slot_free.at[slot])
-        if dq_mode == "reduce":
-          if not group_dq:
+        if dq_mode != "none":
+          if dq_mode == "reduce_only":
+            dq = zeros_q
+          elif not group_dq:
             plgpu.barrier_wait(ds_ready.at[par])
             dq = pl.run_state(lambda r: plgpu.wgmma(r, plgpu.transpose_ref(ds_smem.at[par], (1, 0)),
-                                                    k_smem.at[:, my_cols]))(plgpu.ACC.init(zeros_q))
+                                                    k_smem.at[:, op_cols]))(plgpu.ACC.init(zeros_q))
           # added into the float32 dQ by a TMA reduction
           # the reduction issued dq_buffers steps ago has read this buffer
           plgpu.wait_smem_to_gmem(dq_buffers - 1, wait_read_only=True)
           my_dq = dq_smem.at[wg, lax.rem(s, dq_buffers)]
           my_dq[...] = dq
           plgpu.commit_smem()
-          plgpu.copy_smem_to_gmem(my_dq, dq_ref.at[bi, pl.ds(i * block_q, block_q), h, my_cols],
-                                  reduction_op="add")
+          if dq_mode != "store":
+            plgpu.copy_smem_to_gmem(my_dq, dq_ref.at[bi, pl.ds(i * block_q, block_q), h, my_cols],
+                                    reduction_op="add")
         return dk, dv
 
       def per_head(gi, carry):
