@@ -246,9 +246,13 @@ def _bwd(q, k, v, o, lse, do, *, scale, window, block_q, block_k, stages, dq_mod
     def _compute():
       plgpu.set_max_registers(registers[0], action="increase")
       k0 = cta_k0 + wg * block_k
-      mine = pl.ds(wg * block_k, block_k)
-      my_k, my_v = k_smem.at[mine], v_smem.at[mine]
-      my_cols = pl.ds(wg * half, half)
+
+      def operands(w):
+        """Warpgroup ``w``'s keys and values in shared memory, and its columns of dQ."""
+        mine = pl.ds(w * block_k, block_k)
+        return mine, k_smem.at[mine], v_smem.at[mine], pl.ds(w * half, half)
+
+      mine, my_k, my_v, my_cols = operands(wg)
       plgpu.copy_gmem_to_smem(k_ref.at[bi, pl.ds(k0, block_k), kvh], my_k, k_ready.at[wg])
       plgpu.copy_gmem_to_smem(v_ref.at[bi, pl.ds(k0, block_k), kvh], my_v, v_ready.at[wg])
       plgpu.barrier_wait(k_ready.at[0])  # dQ's product reads both warpgroups' keys
@@ -258,17 +262,13 @@ def _bwd(q, k, v, o, lse, do, *, scale, window, block_q, block_k, stages, dq_mod
       lo_f = jnp.clip(lo_f, lo, hi)
       hi_f = jnp.clip(hi_f, lo_f, hi)
 
-      def operands():
-        """The step's loop-invariant operands (this warpgroup's keys and values, its columns of dQ), with their
-        addresses recomputed in every step: an optimization barrier hides that the warpgroup index is the same.
-        Hoisted out of the loop, their 24 wgmma descriptors (48 registers) were spilled and reloaded before every
-        product, and those reloads' latency bounded the kernel (the backward took 1.2x as long)."""
-        w = lax.optimization_barrier(wg)
-        return k_smem.at[pl.ds(w * block_k, block_k)], v_smem.at[pl.ds(w * block_k, block_k)], pl.ds(w * half, half)
-
       def step(i, carry, gi, masked):
         dk, dv = carry
-        op_k, op_v, op_cols = operands()
+        # the products' loop-invariant operands, with their addresses recomputed in every step: an optimization
+        # barrier hides that the warpgroup index is the same. Hoisted out of the loop, their 24 wgmma descriptors
+        # (48 registers) were spilled and reloaded before every product, and those reloads' latency bounded the
+        # kernel (the backward took 1.2x as long)
+        _, op_k, op_v, op_cols = operands(lax.optimization_barrier(wg))
         s = gi * n + (i - lo)
         slot = lax.rem(s, stages)
         h = kvh * g + gi
