@@ -11,8 +11,8 @@ Backends: ``"xla"`` (masked reference, block-wise for long sequences), ``"cudnn"
 kernel that skips key blocks outside the window), ``"mosaic_gpu"`` (our warp-specialised Pallas
 Mosaic GPU kernels for Hopper, forward and a five-product backward; no segment ids),
 ``"pallas_tpu"`` (JAX's splash attention with a causal local mask), ``"auto"`` (TPU -> splash;
-NVIDIA sm80+ -> cuDNN when no segment ids (its forward+backward measured fastest), our Triton
-kernel for packed batches; otherwise xla).
+NVIDIA sm80+ -> cuDNN when no segment ids (its forward+backward measured fastest on sm80+, level
+with the Mosaic GPU kernels on Hopper), our Triton kernel for packed batches; otherwise xla).
 """
 
 from __future__ import annotations
@@ -36,8 +36,8 @@ def choose_backend(*, segment_ids=None, window=None):
     return "pallas_tpu"
   if _compat.sm80_gpu():
     # Measured on an H100 (benchmarks/swa_kernel.py, BENCHMARKS.md): where it is allowed, cuDNN's windowed
-    # kernel is ~1.25x faster than the Triton kernel and ~1.07-1.1x faster than the Mosaic GPU kernels forward
-    # and backward together (whose forward alone is as fast as cuDNN's); it takes no segment ids, packed batches do.
+    # kernel is ~1.25x faster than the Triton kernel forward and backward together, and level with the Mosaic GPU
+    # kernels (0.97-1.01x), which run on Hopper only; it takes no segment ids, packed batches do.
     return "cudnn" if segment_ids is None else "pallas_gpu"
   return "xla"
 
