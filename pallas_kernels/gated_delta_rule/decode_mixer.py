@@ -168,15 +168,25 @@ def _out_kernel(o_ref, gate_ref, qr_ref, kr_ref, cq_ref, ck_ref, w_ref, live_ref
     y_ref[...] = jnp.zeros(y_ref.shape, y_ref.dtype)
 
 
-def _mix_call(proj, conv_q, conv_k, conv_v, conv_w, A_log, dt_bias, keep, state, *, H, K, V, taps, scale, params,
-              interpret):
-  """Kernel 1: (o [B H, 1, V], conv_v, state [B H, K, V]); conv_v and the state are updated in place."""
-  B = conv_q.shape[0]
+def decode_mixer_gpu(proj, conv_q, conv_k, conv_v, conv_w, A_log, dt_bias, o_norm, live, state, *, num_heads, head_k,
+                     head_v, eps, scale=None, interpret=None):
+  """Two Pallas Triton kernels (module docstring); the conv windows and the state are updated in place (aliased).
+  Same results as `decode_mixer_reference`. Forward only."""
+  B, H, K, V = conv_q.shape[0], num_heads, head_k, head_v
+  R = proj.shape[0]
+  taps = conv_w.shape[0]
+  if not supported(K, V, taps):
+    raise ValueError(f"decode_mixer_gpu does not support K={K}, V={V}, W={taps}")
   HK, HV = H * K, H * V
   bv = min(BV, V)
   nv = V // bv
+  scale = K ** -0.5 if scale is None else scale
+  interpret = _compat.gpu_interpret() if interpret is None else interpret
   f32 = jnp.float32
-  # grid (B H, V / bv); n = b H + h
+  params = _compat.triton_params(num_warps=NUM_WARPS, num_stages=1)
+  keep = live.reshape(B, 1).astype(f32)
+
+  # kernel 1: grid (B H, V / bv); n = b H + h
   row, head = (lambda n, j: n // H), (lambda n, j: n % H)
   seg = lambda size, first: pl.BlockSpec((None, size), lambda n, j: (row(n, j), first + head(n, j)))
   vseg = lambda first: pl.BlockSpec((None, bv), lambda n, j: (row(n, j), first + head(n, j) * nv + j))
@@ -187,7 +197,7 @@ def _mix_call(proj, conv_q, conv_k, conv_v, conv_w, A_log, dt_bias, keep, state,
   per_head = pl.BlockSpec((None, 1), lambda n, j: (head(n, j), 0))
   per_row = pl.BlockSpec((None, 1), lambda n, j: (row(n, j), 0))
   st = pl.BlockSpec((None, K, bv), lambda n, j: (n, 0, j))
-  return pl.pallas_call(
+  o, cv, s = pl.pallas_call(
       functools.partial(_mix_kernel, taps=taps, scale=float(scale)), grid=(B * H, nv),
       in_specs=[seg(K, 0), seg(K, H), vseg(2 * HK // bv), seg(1, 2 * HK + 2 * HV), seg(1, 2 * HK + 2 * HV + H),
                 window, window, vwindow, weights(0), weights(H), vweights, per_head, per_head, per_row, st],
@@ -197,28 +207,6 @@ def _mix_call(proj, conv_q, conv_k, conv_v, conv_w, A_log, dt_bias, keep, state,
       input_output_aliases={7: 1, 14: 2}, compiler_params=params, interpret=interpret, name="gdn_decode_mix",
   )(proj, proj, proj, proj, proj, conv_q, conv_k, conv_v, conv_w, conv_w, conv_w, A_log.reshape(H, 1),
     dt_bias.reshape(H, 1), keep, state.astype(f32).reshape(B * H, K, V))
-
-
-def _prepare(proj, conv_q, conv_w, live, K, V, scale, interpret):
-  taps = conv_w.shape[0]
-  if not supported(K, V, taps):
-    raise ValueError(f"decode_mixer_gpu does not support K={K}, V={V}, W={taps}")
-  scale = K ** -0.5 if scale is None else scale
-  interpret = _compat.gpu_interpret() if interpret is None else interpret
-  keep = live.reshape(conv_q.shape[0], 1).astype(jnp.float32)
-  return taps, scale, interpret, keep, _compat.triton_params(num_warps=NUM_WARPS, num_stages=1)
-
-
-def decode_mixer_gpu(proj, conv_q, conv_k, conv_v, conv_w, A_log, dt_bias, o_norm, live, state, *, num_heads, head_k,
-                     head_v, eps, scale=None, interpret=None):
-  """Two Pallas Triton kernels (module docstring); the conv windows and the state are updated in place (aliased).
-  Same results as `decode_mixer_reference`. Forward only."""
-  B, H, K, V = conv_q.shape[0], num_heads, head_k, head_v
-  R = proj.shape[0]
-  HK, HV = H * K, H * V
-  taps, scale, interpret, keep, params = _prepare(proj, conv_q, conv_w, live, K, V, scale, interpret)
-  o, cv, s = _mix_call(proj, conv_q, conv_k, conv_v, conv_w, A_log, dt_bias, keep, state, H=H, K=K, V=V, taps=taps,
-                       scale=scale, params=params, interpret=interpret)
 
   # kernel 2: grid (R H,); rows past B write zeros (their inputs' block indices are clamped to real rows)
   real_n = lambda n: jnp.minimum(n, B * H - 1)
@@ -237,75 +225,6 @@ def decode_mixer_gpu(proj, conv_q, conv_k, conv_v, conv_w, A_log, dt_bias, o_nor
                  jax.ShapeDtypeStruct(conv_k.shape, conv_k.dtype)],
       input_output_aliases={4: 1, 5: 2}, compiler_params=params, interpret=interpret, name="gdn_decode_out",
   )(o, proj, proj, proj, conv_q, conv_k, o_norm.reshape(1, V), keep)
-  return y, cq, ck, cv, s.reshape(B, H, K, V)
-
-
-def _out_proj_kernel(o_ref, x_ref, cq_ref, ck_ref, wn_ref, live_ref, w_ref, y_ref, cq_out, ck_out, *, taps, eps,
-                     rows, heads, head_k, gate, transposed):
-  f32 = jnp.float32
-  i = pl.program_id(0)
-  dtype = y_ref.dtype
-  H, V = heads, wn_ref.shape[-1]
-  wn = wn_ref[...].astype(f32)  # [1, V]
-  w = w_ref[...].astype(f32)  # [bn, H, V] (transposed) or [H, V, bn]
-  for b in range(y_ref.shape[0]):
-    if b < rows:
-      o = o_ref[pl.ds(b * H, H), :].astype(f32)  # [H, V]
-      o = o * jax.lax.rsqrt(jnp.mean(o * o, axis=1, keepdims=True) + eps) * wn
-      g = x_ref[b, pl.ds(gate, H * V)].astype(f32).reshape(H, V)
-      y = (o * (g * (1.0 / (1.0 + jnp.exp(-g))))).astype(dtype).astype(f32)
-      if transposed:
-        out = jnp.sum(jnp.sum(w * y[None], axis=2), axis=1)
-      else:
-        out = jnp.sum(jnp.sum(w * y[:, :, None], axis=1), axis=0)
-      y_ref[b, :] = out.astype(dtype)
-    else:
-      y_ref[b, :] = jnp.zeros(y_ref.shape[1:], dtype)
-
-  @pl.when(i < heads)
-  def _():
-    cols = pl.ds(i * head_k, head_k)
-    for b in range(rows):
-      keep = live_ref[b, :]  # [1]
-      for first, c_ref, c_out in ((0, cq_ref, cq_out), (heads * head_k, ck_ref, ck_out)):
-        xd = x_ref.dtype
-        x = (x_ref[b, pl.ds(first + i * head_k, head_k)].astype(f32) * keep).astype(xd)
-        prev = [c_ref[b, t, cols].astype(xd) for t in range(taps - 1)]
-        for t in range(taps - 2):
-          c_out[b, t, cols] = prev[t + 1].astype(c_out.dtype)
-        c_out[b, taps - 2, cols] = x.astype(c_out.dtype)
-
-
-def decode_mixer_proj_gpu(proj, conv_q, conv_k, conv_v, conv_w, A_log, dt_bias, o_norm, live, state, o_proj, *,
-                          num_heads, head_k, head_v, eps, scale=None, transposed=True, block_n=16, num_warps=8,
-                          interpret=None):
-  """Kernel 1, then the output norm and ``o_proj`` in one kernel: ``o_proj`` is the weight ``[H V, D]``, or with
-  ``transposed`` ``[D, H V]``. Returns ``(out [R, D], conv_q, conv_k, conv_v, state)``."""
-  B, H, K, V = conv_q.shape[0], num_heads, head_k, head_v
-  R = proj.shape[0]
-  HK, HV = H * K, H * V
-  D = o_proj.shape[0] if transposed else o_proj.shape[1]
-  taps, scale, interpret, keep, params = _prepare(proj, conv_q, conv_w, live, K, V, scale, interpret)
-  o, cv, s = _mix_call(proj, conv_q, conv_k, conv_v, conv_w, A_log, dt_bias, keep, state, H=H, K=K, V=V, taps=taps,
-                       scale=scale, params=params, interpret=interpret)
-  bn = block_n
-  full = lambda shape: pl.BlockSpec(shape, lambda i: (0,) * len(shape))
-  if transposed:
-    w, wspec = o_proj.reshape(D, H, V), pl.BlockSpec((bn, H, V), lambda i: (i, 0, 0))
-  else:
-    w, wspec = o_proj.reshape(H, V, D), pl.BlockSpec((H, V, bn), lambda i: (0, 0, i))
-  y, cq, ck = pl.pallas_call(
-      functools.partial(_out_proj_kernel, taps=taps, eps=float(eps), rows=B, heads=H, head_k=K, gate=2 * HK + HV,
-                        transposed=transposed),
-      grid=(D // bn,),
-      in_specs=[full((B * H, V)), full(proj.shape), full(conv_q.shape), full(conv_k.shape), full((1, V)),
-                full((B, 1)), wspec],
-      out_specs=[pl.BlockSpec((R, bn), lambda i: (0, i)), full(conv_q.shape), full(conv_k.shape)],
-      out_shape=[jax.ShapeDtypeStruct((R, D), proj.dtype), jax.ShapeDtypeStruct(conv_q.shape, conv_q.dtype),
-                 jax.ShapeDtypeStruct(conv_k.shape, conv_k.dtype)],
-      input_output_aliases={2: 1, 3: 2}, compiler_params=_compat.triton_params(num_warps=num_warps, num_stages=1),
-      interpret=interpret, name="gdn_decode_out_proj",
-  )(o.reshape(B * H, V), proj, conv_q, conv_k, o_norm.reshape(1, V), keep, w)
   return y, cq, ck, cv, s.reshape(B, H, K, V)
 
 
