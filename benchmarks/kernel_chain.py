@@ -1,0 +1,47 @@
+"""What one more kernel costs a decode step: chains of 50, 200 and 400 dependent one-program Pallas kernels (each
+reads the previous one's [2, 2048] output), one jitted program per chain, timed on a GPU. The slope between chain
+lengths is the fixed cost of a dependent kernel (launch and wait), which a decode step of ~446 kernels pays on top
+of its bytes. Writes $OUT/kernel_chain.json.
+
+    PYTHONPATH=. python3 benchmarks/kernel_chain.py
+"""
+import time, json, os
+import numpy as np, jax, jax.numpy as jnp
+from jax.experimental import pallas as pl
+from pallas_kernels import _compat
+
+def k(x_ref, o_ref):
+    o_ref[...] = x_ref[...] * 1.0001 + 1.0
+
+def tiny(x):
+    return pl.pallas_call(k, out_shape=jax.ShapeDtypeStruct(x.shape, x.dtype), grid=(1,),
+                          in_specs=[pl.BlockSpec(x.shape, lambda i: (0, 0))],
+                          out_specs=pl.BlockSpec(x.shape, lambda i: (0, 0)),
+                          compiler_params=_compat.triton_params(num_warps=4, num_stages=1),
+                          interpret=_compat.gpu_interpret())(x)
+
+def chain(n):
+    def f(x):
+        for _ in range(n):
+            x = tiny(x)
+        return x
+    return jax.jit(f)
+
+res = {"device": jax.devices()[0].device_kind}
+x = jnp.ones((2, 2048), jnp.float32)
+for n in (50, 200, 400):
+    f = chain(n)
+    for _ in range(3):
+        y = f(x)
+    y.block_until_ready()
+    ts = []
+    for r in range(5):
+        t0 = time.perf_counter()
+        for _ in range(20):
+            y = f(x)
+        y.block_until_ready()
+        ts.append((time.perf_counter() - t0) / 20)
+    t = float(np.median(ts))
+    res[n] = t * 1e6 / n
+    print(f"{n} dependent tiny kernels: {t*1e3:.3f} ms per chain = {t*1e6/n:.2f} us per kernel", flush=True)
+json.dump(res, open(os.path.join(os.environ.get("OUT", "/tmp"), "kernel_chain.json"), "w"), indent=1)
