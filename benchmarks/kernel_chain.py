@@ -29,13 +29,14 @@ def chain(n):
 
 res = {"device": jax.devices()[0].device_kind}
 x = jnp.ones((2, 2048), jnp.float32)
+chain_s = {}
 for n in (50, 200, 400):
     f = chain(n)
     for _ in range(3):
         y = f(x)
     y.block_until_ready()
     ts = []
-    for r in range(5):
+    for _ in range(5):
         t0 = time.perf_counter()
         for _ in range(20):
             y = f(x)
@@ -43,5 +44,9 @@ for n in (50, 200, 400):
         ts.append((time.perf_counter() - t0) / 20)
     t = float(np.median(ts))
     res[n] = t * 1e6 / n
+    chain_s[n] = t
     print(f"{n} dependent tiny kernels: {t*1e3:.3f} ms per chain = {t*1e6/n:.2f} us per kernel", flush=True)
+for a, b in ((50, 200), (200, 400)):
+    res[f"slope_us_{a}_{b}"] = (chain_s[b] - chain_s[a]) / (b - a) * 1e6
+    print(f"{a} -> {b} kernels: {res[f'slope_us_{a}_{b}']:.2f} us per added kernel", flush=True)
 json.dump(res, open(os.path.join(os.environ.get("OUT", "/tmp"), "kernel_chain.json"), "w"), indent=1)
