@@ -1,0 +1,108 @@
+"""How fast can one kernel stream a decode weight at all? A Mosaic GPU kernel that only streams the weight by TMA into
+a shared-memory ring (no products; ``ctas`` programs taking its [tile_k, tile_n] tiles in turn, one memory and one
+consuming warpgroup each) against XLA's two-row product over the same weights and the read-rate probe (a float32
+sum over 4 GiB). Each timing runs 8 distinct weights (more than L2) in one jitted program, dispatched from the host
+in a loop. The 16.8 MB rows are probably bounded by that dispatch (XLA's product measures 13.6 us there, against
+6.7 us in the decode step's device profile), so only the two larger shapes are read as device times.
+Writes $OUT/tma_stream.json.
+
+    PYTHONPATH=. python3 benchmarks/tma_stream_probe.py
+"""
+import functools, json, os, sys, time
+import numpy as np, jax, jax.numpy as jnp
+from jax import lax
+from jax.experimental import pallas as pl
+from pallas_kernels.sliding_window_attention.flash_mosaic import _stream
+
+
+def stream_probe(w, *, tile_k, tile_n, stages, ctas):
+    from jax.experimental.pallas import mosaic_gpu as plgpu
+    K, N = w.shape
+    nb, kb = N // tile_n, K // tile_k
+    T = nb * kb
+
+    def body(w_ref, o_ref, w_smem, ready, free):
+        wg = lax.axis_index("wg")
+        c = lax.axis_index("cta")
+        mine = (T - c + ctas - 1) // ctas
+
+        @pl.when(wg == 0)
+        def _consume():
+            @pl.loop(0, mine)
+            def _(s):
+                slot = lax.rem(s, stages)
+                plgpu.barrier_wait(ready.at[slot])
+                plgpu.barrier_arrive(free.at[slot])
+
+        @pl.when(wg == 1)
+        def _memory():
+            def fetch(s, slot):
+                t = c + s * ctas
+                kt, nt = t // nb, lax.rem(t, nb)
+                plgpu.copy_gmem_to_smem(w_ref.at[pl.ds(kt * tile_k, tile_k), pl.ds(nt * tile_n, tile_n)],
+                                        w_smem.at[slot], ready.at[slot])
+            _stream(fetch, mine, stages, (free,))
+
+    tiled = dict(transforms=(plgpu.TilingTransform((8, 64)), plgpu.SwizzleTransform(128)))
+    return plgpu.kernel(
+        body, out_type=jax.ShapeDtypeStruct((ctas, 128), jnp.float32),
+        scratch_types=[plgpu.SMEM((stages, tile_k, tile_n), w.dtype, **tiled),
+                       plgpu.Barrier(num_barriers=stages), plgpu.Barrier(num_arrivals=1, num_barriers=stages)],
+        grid=(ctas,), grid_names=("cta",), num_threads=2, thread_name="wg")(w)
+
+
+def timeit(f, *a, n=20):
+    jax.block_until_ready(f(*a)); jax.block_until_ready(f(*a))
+    ts = []
+    for _ in range(5):
+        t0 = time.perf_counter()
+        for _ in range(n):
+            r = f(*a)
+        jax.block_until_ready(r)
+        ts.append((time.perf_counter() - t0) / n)
+    return float(np.median(ts))
+
+
+if __name__ == "__main__":
+    lower_only = "--lower" in sys.argv
+    res = {"rows": []}
+    shapes = [(2048, 22016), (11008, 2048), (4096, 2048)]
+    configs = [dict(tile_k=tk, tile_n=tn, stages=st, ctas=ct) for tk, tn in ((64, 128), (128, 128), (256, 64))
+               for st in (4, 6) for ct in (132, 264)]
+    if lower_only:
+        from pallas_kernels import _compat
+        for K, N in shapes[:1]:
+            w = jax.ShapeDtypeStruct((K, N), jnp.bfloat16)
+            for cfg in configs[:3]:
+                with _compat.compiled():
+                    jax.jit(functools.partial(stream_probe, **cfg)).trace(w).lower(lowering_platforms=("cuda",))
+                print("lowered", cfg)
+        sys.exit()
+    res["device"] = jax.devices()[0].device_kind
+    big = jnp.ones((1 << 31,), jnp.bfloat16)
+    t = timeit(jax.jit(lambda x: jnp.sum(x, dtype=jnp.float32)), big)
+    res["probe_TBps"] = big.nbytes / t / 1e12
+    print(f"read probe {res['probe_TBps']:.2f} TB/s", flush=True)
+    del big
+    L = 8
+    for K, N in shapes:
+        ws = [jax.random.normal(jax.random.key(i), (K, N), jnp.float32).astype(jnp.bfloat16) for i in range(L)]
+        x = jnp.ones((2, K), jnp.bfloat16)
+        nbytes = K * N * 2
+        t = timeit(jax.jit(lambda x, ws: [x @ w for w in ws]), x, ws) / L
+        row = {"K": K, "N": N, "MB": nbytes / 1e6, "xla_us": t * 1e6, "xla_TBps": nbytes / t / 1e12}
+        print(f"[{K}, {N}] {nbytes/1e6:.1f} MB: XLA two-row product {t*1e6:.2f} us ({nbytes/t/1e12:.2f} TB/s), "
+              f"floor at the probe {nbytes/res['probe_TBps']/1e6:.2f} us", flush=True)
+        for cfg in configs:
+            if N % cfg["tile_n"] or K % cfg["tile_k"]:
+                continue
+            try:
+                f = jax.jit(lambda ws, cfg=cfg: [stream_probe(w, **cfg) for w in ws])
+                t = timeit(f, ws) / L
+                row[str(cfg)] = t * 1e6
+                print(f"   TMA stream {cfg}: {t*1e6:.2f} us ({nbytes/t/1e12:.2f} TB/s)", flush=True)
+            except Exception as e:
+                print(f"   TMA stream {cfg}: {type(e).__name__}: {str(e)[:300]}", flush=True)
+        res["rows"].append(row)
+        del ws
+    json.dump(res, open(os.path.join(os.environ.get("OUT", "/tmp"), "tma_stream.json"), "w"), indent=1)
