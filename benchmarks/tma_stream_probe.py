@@ -1,12 +1,13 @@
 """How fast can one kernel stream a decode weight at all? A Mosaic GPU kernel that only streams the weight by TMA into
 a shared-memory ring (no products; ``ctas`` programs taking its [tile_k, tile_n] tiles in turn, one memory and one
 consuming warpgroup each) against XLA's two-row product over the same weights and the read-rate probe (a float32
-sum over 4 GiB). Each timing runs 8 distinct weights (more than L2) in one jitted program, dispatched from the host
-in a loop. The 16.8 MB rows are probably bounded by that dispatch (XLA's product measures 13.6 us there, against
+sum over 4 GiB). Each timing runs 2-8 distinct weights (134 MB or more, above L2) in one jitted program, dispatched
+from the host in a loop. The 16.8 MB rows are probably bounded by that dispatch (XLA's product measures 13.6 us there, against
 6.7 us in the decode step's device profile), so only the two larger shapes are read as device times.
 Writes $OUT/tma_stream.json.
 
     PYTHONPATH=. python3 benchmarks/tma_stream_probe.py
+    PYTHONPATH=. python3 benchmarks/tma_stream_probe.py --sizes   # [2048, N] weights of 45-721 MB, and a line fit
 """
 import functools, json, os, sys, time
 import numpy as np, jax, jax.numpy as jnp
@@ -78,14 +79,18 @@ if __name__ == "__main__":
                     jax.jit(functools.partial(stream_probe, **cfg)).trace(w).lower(lowering_platforms=("cuda",))
                 print("lowered", cfg)
         sys.exit()
+    sizes = "--sizes" in sys.argv  # one weight shape [2048, N] at growing N: time = fixed cost + bytes / rate
+    if sizes:
+        shapes = [(2048, n) for n in (11008, 22016, 44032, 88064, 176128)]
+        configs = [dict(tile_k=256, tile_n=64, stages=6, ctas=132), dict(tile_k=64, tile_n=128, stages=4, ctas=264)]
     res["device"] = jax.devices()[0].device_kind
     big = jnp.ones((1 << 31,), jnp.bfloat16)
     t = timeit(jax.jit(lambda x: jnp.sum(x, dtype=jnp.float32)), big)
     res["probe_TBps"] = big.nbytes / t / 1e12
     print(f"read probe {res['probe_TBps']:.2f} TB/s", flush=True)
     del big
-    L = 8
     for K, N in shapes:
+        L = max(2, min(8, (720 << 20) // (K * N * 2)))  # distinct weights per program: more than L2 in all
         ws = [jax.random.normal(jax.random.key(i), (K, N), jnp.float32).astype(jnp.bfloat16) for i in range(L)]
         x = jnp.ones((2, K), jnp.bfloat16)
         nbytes = K * N * 2
@@ -105,4 +110,11 @@ if __name__ == "__main__":
                 print(f"   TMA stream {cfg}: {type(e).__name__}: {str(e)[:300]}", flush=True)
         res["rows"].append(row)
         del ws
-    json.dump(res, open(os.path.join(os.environ.get("OUT", "/tmp"), "tma_stream.json"), "w"), indent=1)
+    if sizes:  # least-squares line through (bytes, time) per method
+        for key in ["xla_us"] + [str(c) for c in configs]:
+            pts = [(r["MB"], r[key]) for r in res["rows"] if key in r]
+            slope, icpt = np.polyfit([p[0] for p in pts], [p[1] for p in pts], 1)
+            res.setdefault("fit", {})[key] = {"fixed_us": float(icpt), "TBps": float(1 / slope)}  # MB/us = TB/s
+            print(f"fit {key}: fixed {icpt:.2f} us + bytes at {1 / slope:.2f} TB/s", flush=True)
+    name = "tma_stream_sizes.json" if sizes else "tma_stream.json"
+    json.dump(res, open(os.path.join(os.environ.get("OUT", "/tmp"), name), "w"), indent=1)
