@@ -309,13 +309,16 @@ def _bwd(q, k, v, o, lse, do, *, scale, window, block_q, block_k, stages, dq_mod
         if dq_product and group_dq:
           plgpu.barrier_wait(ds_ready.at[par])
 
+        def dq_share(acc_ref):
+          # dQ's share over the CTA's keys, this warpgroup's half of the columns: dS K[:, cols], with dS the
+          # transposed dS^T of both warpgroups
+          plgpu.wgmma(acc_ref, plgpu.transpose_ref(ds_smem.at[par], (1, 0)), k_smem.at[:, op_cols])
+
         def dv_dk_dq(refs):
           plgpu.wgmma(refs[0], pt.astype(dtype), do_smem.at[slot])
           plgpu.wgmma(refs[1], dst, q_smem.at[slot])
           if len(refs) == 3:
-            # dQ's share over the CTA's keys, this warpgroup's half of the columns: dS K[:, cols], with dS the
-            # transposed dS^T of both warpgroups
-            plgpu.wgmma(refs[2], plgpu.transpose_ref(ds_smem.at[par], (1, 0)), k_smem.at[:, op_cols])
+            dq_share(refs[2])
 
         zeros_q = plgpu.layout_cast(jnp.zeros((block_q, half), jnp.float32), wgmma_layout)
         if dq_product and group_dq:
@@ -328,8 +331,7 @@ def _bwd(q, k, v, o, lse, do, *, scale, window, block_q, block_k, stages, dq_mod
             dq = zeros_q
           elif not group_dq:
             plgpu.barrier_wait(ds_ready.at[par])
-            dq = pl.run_state(lambda r: plgpu.wgmma(r, plgpu.transpose_ref(ds_smem.at[par], (1, 0)),
-                                                    k_smem.at[:, op_cols]))(plgpu.ACC.init(zeros_q))
+            dq = pl.run_state(dq_share)(plgpu.ACC.init(zeros_q))
           # added into the float32 dQ by a TMA reduction
           # the reduction issued dq_buffers steps ago has read this buffer
           plgpu.wait_smem_to_gmem(dq_buffers - 1, wait_read_only=True)
