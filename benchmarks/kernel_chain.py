@@ -5,10 +5,13 @@ of its bytes. Writes $OUT/kernel_chain.json.
 
     PYTHONPATH=. python3 benchmarks/kernel_chain.py
 """
-import time, json, os
-import numpy as np, jax, jax.numpy as jnp
+import json, os, sys
+import jax, jax.numpy as jnp
 from jax.experimental import pallas as pl
 from pallas_kernels import _compat
+
+sys.path.insert(0, os.path.dirname(__file__))
+from timing import pipelined_seconds  # noqa: E402  (benchmarks/timing.py)
 
 def k(x_ref, o_ref):
     o_ref[...] = x_ref[...] * 1.0001 + 1.0
@@ -31,18 +34,7 @@ res = {"device": jax.devices()[0].device_kind}
 x = jnp.ones((2, 2048), jnp.float32)
 chain_s = {}
 for n in (50, 200, 400):
-    f = chain(n)
-    for _ in range(3):
-        y = f(x)
-    y.block_until_ready()
-    ts = []
-    for _ in range(5):
-        t0 = time.perf_counter()
-        for _ in range(20):
-            y = f(x)
-        y.block_until_ready()
-        ts.append((time.perf_counter() - t0) / 20)
-    t = float(np.median(ts))
+    t = pipelined_seconds(chain(n), x, warmup=3)
     res[n] = t * 1e6 / n
     chain_s[n] = t
     print(f"{n} dependent tiny kernels: {t*1e3:.3f} ms per chain = {t*1e6/n:.2f} us per kernel", flush=True)

@@ -2,18 +2,21 @@
 a shared-memory ring (no products; ``ctas`` programs taking its [tile_k, tile_n] tiles in turn, one memory and one
 consuming warpgroup each) against XLA's two-row product over the same weights and the read-rate probe (a float32
 sum over 4 GiB). Each timing runs 2-8 distinct weights (134 MB or more, above L2) in one jitted program, dispatched
-from the host in a loop. The 16.8 MB rows are probably bounded by that dispatch (XLA's product measures 13.6 us there, against
-6.7 us in the decode step's device profile), so only the two larger shapes are read as device times.
+from the host in a loop. The 16.8 MB rows are probably bounded by that dispatch (XLA's product measures 13.6 us
+there, against 6.7 us in the decode step's device profile), so only the two larger shapes are read as device times.
 Writes $OUT/tma_stream.json.
 
     PYTHONPATH=. python3 benchmarks/tma_stream_probe.py
     PYTHONPATH=. python3 benchmarks/tma_stream_probe.py --sizes   # [2048, N] weights of 45-721 MB, and a line fit
 """
-import functools, json, os, sys, time
+import functools, json, os, sys
 import numpy as np, jax, jax.numpy as jnp
 from jax import lax
 from jax.experimental import pallas as pl
 from pallas_kernels.sliding_window_attention.flash_mosaic import _stream
+
+sys.path.insert(0, os.path.dirname(__file__))
+from timing import pipelined_seconds  # noqa: E402  (benchmarks/timing.py)
 
 
 def stream_probe(w, *, tile_k, tile_n, stages, ctas):
@@ -52,18 +55,6 @@ def stream_probe(w, *, tile_k, tile_n, stages, ctas):
         grid=(ctas,), grid_names=("cta",), num_threads=2, thread_name="wg")(w)
 
 
-def timeit(f, *a, n=20):
-    jax.block_until_ready(f(*a)); jax.block_until_ready(f(*a))
-    ts = []
-    for _ in range(5):
-        t0 = time.perf_counter()
-        for _ in range(n):
-            r = f(*a)
-        jax.block_until_ready(r)
-        ts.append((time.perf_counter() - t0) / n)
-    return float(np.median(ts))
-
-
 if __name__ == "__main__":
     lower_only = "--lower" in sys.argv
     res = {"rows": []}
@@ -85,7 +76,7 @@ if __name__ == "__main__":
         configs = [dict(tile_k=256, tile_n=64, stages=6, ctas=132), dict(tile_k=64, tile_n=128, stages=4, ctas=264)]
     res["device"] = jax.devices()[0].device_kind
     big = jnp.ones((1 << 31,), jnp.bfloat16)
-    t = timeit(jax.jit(lambda x: jnp.sum(x, dtype=jnp.float32)), big)
+    t = pipelined_seconds(jax.jit(lambda x: jnp.sum(x, dtype=jnp.float32)), big)
     res["probe_TBps"] = big.nbytes / t / 1e12
     print(f"read probe {res['probe_TBps']:.2f} TB/s", flush=True)
     del big
@@ -94,7 +85,7 @@ if __name__ == "__main__":
         ws = [jax.random.normal(jax.random.key(i), (K, N), jnp.float32).astype(jnp.bfloat16) for i in range(L)]
         x = jnp.ones((2, K), jnp.bfloat16)
         nbytes = K * N * 2
-        t = timeit(jax.jit(lambda x, ws: [x @ w for w in ws]), x, ws) / L
+        t = pipelined_seconds(jax.jit(lambda x, ws: [x @ w for w in ws]), x, ws) / L
         row = {"K": K, "N": N, "MB": nbytes / 1e6, "xla_us": t * 1e6, "xla_TBps": nbytes / t / 1e12}
         print(f"[{K}, {N}] {nbytes/1e6:.1f} MB: XLA two-row product {t*1e6:.2f} us ({nbytes/t/1e12:.2f} TB/s), "
               f"floor at the probe {nbytes/res['probe_TBps']/1e6:.2f} us", flush=True)
@@ -103,7 +94,7 @@ if __name__ == "__main__":
                 continue
             try:
                 f = jax.jit(lambda ws, cfg=cfg: [stream_probe(w, **cfg) for w in ws])
-                t = timeit(f, ws) / L
+                t = pipelined_seconds(f, ws) / L
                 row[str(cfg)] = t * 1e6
                 print(f"   TMA stream {cfg}: {t*1e6:.2f} us ({nbytes/t/1e12:.2f} TB/s)", flush=True)
             except Exception as e:
