@@ -31,7 +31,6 @@ import argparse
 import contextlib
 import json
 import os
-import statistics
 import subprocess
 import sys
 import threading
@@ -40,6 +39,7 @@ import time
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
 sys.path.insert(0, os.path.dirname(__file__))
 import plotting  # noqa: E402  (benchmarks/plotting.py)
+from timing import pipelined_seconds  # noqa: E402  (benchmarks/timing.py)
 
 import jax
 import jax.numpy as jnp
@@ -121,17 +121,9 @@ def inputs(seed, T, dtype=jnp.bfloat16, resets=False, correlated=False):
 
 
 def bench_jax(fn, args, reps=None, inner=None):
+  """Milliseconds per call: median over ``reps`` groups of ``inner`` back-to-back calls."""
   reps, inner = reps or REPS, inner or INNER
-  out = fn(*args)
-  jax.block_until_ready(out)
-  ts = []
-  for _ in range(reps):
-    t0 = time.perf_counter()
-    for _ in range(inner):
-      out = fn(*args)
-    jax.block_until_ready(out)
-    ts.append((time.perf_counter() - t0) / inner * 1e3)
-  return statistics.median(ts)
+  return pipelined_seconds(fn, *args, calls=inner, groups=reps, warmup=1) * 1e3
 
 
 def compiled_peak(comp):
