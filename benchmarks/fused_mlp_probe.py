@@ -6,7 +6,8 @@ through one ring of ``stages`` slots, so phase 2's weights arrive while phase 1 
 wgmma with the decode rows as the 64-row operand (x arrives by TMA as 64 rows of a [R, D] array: rows past R are
 zeros) and the weight tile as the other. I / 64 = 172 units must divide evenly, so ``ctas`` = 172 / ``upc`` (86 for
 upc = 2). Interleaved against XLA's MLP over 5 rounds, each a jitted chain of 8 layers with distinct weights
-(x = x + MLP(x)). Writes $OUT/fused_mlp.json.
+(x = x + MLP(x)), with two more settings whose compute warpgroup skips the products (``stream_only``: the
+kernel's streaming alone). Writes $OUT/fused_mlp.json.
 
     PYTHONPATH=. python3 benchmarks/fused_mlp_probe.py           # an sm90 GPU
     PYTHONPATH=. python3 benchmarks/fused_mlp_probe.py --lower   # CPU: lower the kernel for CUDA only
@@ -37,7 +38,9 @@ def mlp_partials(x, w_gu, w_down, *, upc=2, block_k=64, stages=6, stream_only=Fa
   KH = rows2 // block_k        # phase-2 steps per column block
   NB = D // cols               # phase-2 column blocks
   steps1, steps2 = upc * KB, NB * KH
-  assert R <= 8 and I % n == 0 and U % upc == 0 and D % block_k == 0 and D % cols == 0 and rows2 % block_k == 0
+  if R > 8 or I % n or U % upc or D % block_k or D % cols or rows2 % block_k:
+    raise ValueError(f"mlp_partials: needs R <= 8, I % 64 == 0, (I / 64) % upc == 0, D % 128 == 0 and block_k "
+                     f"dividing both D and 64 * upc; got R={R}, I={I}, D={D}, upc={upc}, block_k={block_k}")
   WG = plgpu.Layout.WGMMA
 
   def body(x_ref, wgu_ref, wd_ref, p_ref, x_s, g_s, u_s, h_s, st_s, x_ready, g_ready, u_ready, free):
@@ -116,7 +119,6 @@ def mlp_partials(x, w_gu, w_down, *, upc=2, block_k=64, stages=6, stream_only=Fa
 
 def mlp(x, w_gu, w_down, **cfg):
   return mlp_partials(x, w_gu, w_down, **cfg).sum(0).astype(x.dtype)
-
 
 
 if __name__ == "__main__":

@@ -9,7 +9,7 @@ columns, then up columns) and returns h^T [I, 8] = (silu(x W_gate) * x W_up)^T, 
     between two CTAs is finished by the earlier one, which adds the later one's partial products, handed over
     through global memory and a semaphore. A CTA waits only on the next one, which must therefore be resident:
     ``ctas`` at most the number of SMs (1 CTA per SM at these sizes), or a divisor of I / 64, where no unit is cut.
-Timings interleave XLA and three settings over 5 rounds in one process, each a jitted program over 8 distinct
+Timings interleave XLA and four settings over 5 rounds in one process, each a jitted program over 8 distinct
 layers: gate_up + SiLU alone, and the MLP chain (the down product and residual add included; the kernel's h^T is
 contracted on its first axis). Writes $OUT/gate_up_silu.json.
 
@@ -35,8 +35,9 @@ def gate_up_silu(x, w, *, block_k=128, stages=4, ctas=132):
   U, KB = I // n, D // block_k
   S = U * KB
   if R > 8 or I % n or D % block_k or S // ctas < KB:
-    raise ValueError(f"gate_up_silu: needs R <= 8, I % 64 == 0, D % block_k == 0 and ctas <= I/64 * D/block_k / "
-                     f"(D/block_k); got R={R}, I={I}, D={D}, block_k={block_k}, ctas={ctas}")
+    raise ValueError(f"gate_up_silu: needs R <= 8, I % 64 == 0, D % block_k == 0 and at least D / block_k "
+                     f"k-blocks per CTA (ctas <= about I / 64); got R={R}, I={I}, D={D}, block_k={block_k}, "
+                     f"ctas={ctas}")
   WG = plgpu.Layout.WGMMA
 
   def body(x_ref, w_ref, o_ref, ws_ref, x_smem, g_smem, u_smem, h_smem, p_smem,
