@@ -11,7 +11,8 @@ columns, then up columns) and returns h^T [I, 8] = (silu(x W_gate) * x W_up)^T, 
     ``ctas`` at most the number of SMs (1 CTA per SM at these sizes), or a divisor of I / 64, where no unit is cut.
 Timings interleave XLA and four settings over 5 rounds in one process, each a jitted program over 8 distinct
 layers: gate_up + SiLU alone, and the MLP chain (the down product and residual add included; the kernel's h^T is
-contracted on its first axis). Writes $OUT/gate_up_silu.json.
+contracted on its first axis); and two settings with the products left out (``stream_only``), where the 86-CTA one
+reads in aligned order and the 132-CTA one in stream-K's. Writes $OUT/gate_up_silu.json.
 
     PYTHONPATH=. python3 benchmarks/gate_up_silu_probe.py           # an sm90 GPU
     PYTHONPATH=. python3 benchmarks/gate_up_silu_probe.py --lower   # CPU: lower the kernel for CUDA only
@@ -27,7 +28,9 @@ from timing import pipelined_seconds  # noqa: E402  (benchmarks/timing.py)
 from decode_mlp_common import interleaved_rounds, paired_products, probe_inputs  # noqa: E402
 
 
-def gate_up_silu(x, w, *, block_k=128, stages=4, ctas=132):
+def gate_up_silu(x, w, *, block_k=128, stages=4, ctas=132, stream_only=False):
+  """``stream_only``: the compute warpgroup releases each slot without products (a timing probe of the streaming
+  and its order alone; the output is then meaningless)."""
   from jax.experimental.pallas import mosaic_gpu as plgpu
   R, D = x.shape
   n = 64
@@ -64,10 +67,11 @@ def gate_up_silu(x, w, *, block_k=128, stages=4, ctas=132):
         kk1 = jnp.minimum(end - u * KB, KB)
 
         def issue(refs, kk, slot):
-          xs = plgpu.transpose_ref(x_smem.at[:, pl.ds(kk * block_k, block_k)], (1, 0))
-          plgpu.wgmma(refs[0], plgpu.transpose_ref(g_smem.at[slot], (1, 0)), xs)
-          plgpu.wgmma(refs[1], plgpu.transpose_ref(u_smem.at[slot], (1, 0)), xs)
-          return True
+          if not stream_only:
+            xs = plgpu.transpose_ref(x_smem.at[:, pl.ds(kk * block_k, block_k)], (1, 0))
+            plgpu.wgmma(refs[0], plgpu.transpose_ref(g_smem.at[slot], (1, 0)), xs)
+            plgpu.wgmma(refs[1], plgpu.transpose_ref(u_smem.at[slot], (1, 0)), xs)
+          return not stream_only
         zeros = plgpu.layout_cast(jnp.zeros((n, 8), jnp.float32), WG)
         g, up = paired_products(kk0, kk1, lambda kk: u * KB + kk - start, (g_ready, u_ready), free, stages, issue,
                                 zeros)
@@ -149,12 +153,14 @@ def mosaic_mlp(x, wgu, wd, cfg):
 
 CONFIGS = [dict(block_k=64, stages=8, ctas=86), dict(block_k=64, stages=4, ctas=172),
            dict(block_k=128, stages=4, ctas=86), dict(block_k=128, stages=4, ctas=132)]
+PROBES = [dict(block_k=128, stages=4, ctas=86, stream_only=True),
+          dict(block_k=128, stages=4, ctas=132, stream_only=True)]
 
 if __name__ == "__main__":
   D, I, L = 2048, 11008, 8
   if "--lower" in sys.argv:
     from pallas_kernels import _compat
-    for cfg in CONFIGS:
+    for cfg in CONFIGS + PROBES:
       with _compat.compiled():
         jax.jit(functools.partial(gate_up_silu, **cfg)).trace(
             jax.ShapeDtypeStruct((1, D), jnp.bfloat16), jax.ShapeDtypeStruct((D, 2 * I), jnp.bfloat16)
@@ -182,5 +188,9 @@ if __name__ == "__main__":
     key = "{block_k}/{stages}/{ctas}".format(**cfg)
     timers["gu " + key] = lambda a=a: pipelined_seconds(a, x, wgu) / L
     timers["mlp " + key] = lambda b=b: pipelined_seconds(b, x, wgu, wd) / L
+  for cfg in PROBES:
+    key = "{block_k}/{stages}/{ctas}".format(**cfg)
+    f = jax.jit(lambda x, ws, cfg=cfg: [gate_up_silu(x, w, **cfg) for w in ws])
+    timers["gu stream only " + key] = lambda f=f: pipelined_seconds(f, x, wgu) / L
   res["rounds_us"], res["median_us"] = interleaved_rounds(timers)
   json.dump(res, open(os.path.join(os.environ.get("OUT", "/tmp"), "gate_up_silu.json"), "w"), indent=1)
