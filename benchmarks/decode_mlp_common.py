@@ -1,10 +1,11 @@
 """Pieces shared by the decode MLP kernel probes (`gate_up_silu_probe.py`, `fused_mlp_probe.py`): the compute
-warpgroup's loop of paired asynchronous products over ring slots, and the probes' inputs."""
+warpgroup's loop of paired asynchronous products over ring slots, the probes' inputs, XLA's MLP layer and the chain
+of layers they are timed in, and the relative error."""
 import jax, jax.numpy as jnp
 from jax import lax
 from jax.experimental import pallas as pl
 
-from timing import pipelined_seconds
+from timing import read_probe_tbps
 
 
 def paired_products(first, last, slot_of, waits, free, stages, issue, zeros):
@@ -35,10 +36,7 @@ def paired_products(first, last, slot_of, waits, free, stages, issue, zeros):
 def probe_inputs(L, D, I):
   """The read-rate probe (TB/s, a float32 sum over 4 GiB) and L distinct MLP layers' bf16 weights (gate_up [D, 2I],
   down [I, D]) with decode rows x [1, D] and x2 [2, D]."""
-  res = {"device": jax.devices()[0].device_kind, "jax": jax.__version__}
-  big = jnp.ones((1 << 31,), jnp.bfloat16)
-  res["probe_TBps"] = big.nbytes / pipelined_seconds(jax.jit(lambda x: jnp.sum(x, dtype=jnp.float32)), big) / 1e12
-  del big
+  res = {"device": jax.devices()[0].device_kind, "jax": jax.__version__, "probe_TBps": read_probe_tbps()}
   print(res, flush=True)
   keys = jax.random.split(jax.random.key(0), 2 * L + 2)
   wgu = [(jax.random.normal(keys[i], (D, 2 * I), jnp.float32) * 0.02).astype(jnp.bfloat16) for i in range(L)]
@@ -60,3 +58,24 @@ def interleaved_rounds(timers, rounds=5):
   med = {k: float(np.median([r[k] for r in out])) for k in out[0]}
   print("median us", {k: round(v, 2) for k, v in med.items()}, flush=True)
   return out, med
+
+
+def xla_mlp_layer(x, w_gu, w_down):
+  """XLA's SwiGLU MLP for decode rows x [R, D] with the fused gate_up weight [D, 2I] and down [I, D]."""
+  I = w_down.shape[0]
+  y = x @ w_gu
+  return (jax.nn.silu(y[:, :I]) * y[:, I:]) @ w_down
+
+
+def mlp_chain(x, wgu, wd, layer=xla_mlp_layer):
+  """``x = x + layer(x, w_gu, w_down)`` over the layers' weights: each layer's output feeds the next, as in a decode
+  step."""
+  for a, b in zip(wgu, wd):
+    x = x + layer(x, a, b)
+  return x
+
+
+def rel_err(a, b):
+  """||a - b|| / ||b||, in float32."""
+  a, b = a.astype(jnp.float32), b.astype(jnp.float32)
+  return float(jnp.linalg.norm(a - b) / jnp.linalg.norm(b))

@@ -20,7 +20,8 @@ from pallas_kernels.sliding_window_attention.flash_mosaic import _stream
 
 sys.path.insert(0, os.path.dirname(__file__))
 from timing import pipelined_seconds  # noqa: E402  (benchmarks/timing.py)
-from decode_mlp_common import interleaved_rounds, paired_products, probe_inputs  # noqa: E402
+from decode_mlp_common import (interleaved_rounds, mlp_chain, paired_products, probe_inputs,  # noqa: E402
+                               rel_err, xla_mlp_layer)
 
 
 def mlp_partials(x, w_gu, w_down, *, upc=2, block_k=64, stages=6, stream_only=False):
@@ -137,36 +138,24 @@ if __name__ == "__main__":
     sys.exit()
   res, wgu, wd, x, x2 = probe_inputs(L, D, I)
 
-  def xla_one(x, a, b):
-    y = x @ a
-    return (jax.nn.silu(y[:, :I]) * y[:, I:]) @ b
+  def f32_layer(x, a, b):
+    return xla_mlp_layer(*(t.astype(jnp.float32) for t in (x, a, b)))
 
-  def f32_one(x, a, b):
-    x, a, b = (t.astype(jnp.float32) for t in (x, a, b))
-    y = x @ a
-    return (jax.nn.silu(y[:, :I]) * y[:, I:]) @ b
-
-  def chain(x, wgu, wd, f):
-    for a, b in zip(wgu, wd):
-      x = x + f(x, a, b)
-    return x
-
-  rel = lambda a, b: float(jnp.linalg.norm(a.astype(jnp.float32) - b) / jnp.linalg.norm(b))
-  res["errors"] = {"xla": rel(jax.jit(xla_one)(x, wgu[0], wd[0]), f32_one(x, wgu[0], wd[0]))}
+  res["errors"] = {"xla": rel_err(jax.jit(xla_mlp_layer)(x, wgu[0], wd[0]), f32_layer(x, wgu[0], wd[0]))}
   ok = []
   for cfg in CONFIGS:
     key = "{upc}/{block_k}/{stages}".format(**cfg)
     try:
       f = jax.jit(functools.partial(mlp, **cfg))
-      res["errors"][key] = {"R1": rel(f(x, wgu[0], wd[0]), f32_one(x, wgu[0], wd[0])),
-                            "R2": rel(f(x2, wgu[1], wd[1]), f32_one(x2, wgu[1], wd[1]))}
+      res["errors"][key] = {"R1": rel_err(f(x, wgu[0], wd[0]), f32_layer(x, wgu[0], wd[0])),
+                            "R2": rel_err(f(x2, wgu[1], wd[1]), f32_layer(x2, wgu[1], wd[1]))}
       ok.append(cfg)
     except Exception as e:
       res["errors"][key] = f"{type(e).__name__}: {str(e)[:300]}"
     print(key, res["errors"][key], flush=True)
-  fx = jax.jit(functools.partial(chain, f=xla_one))
+  fx = jax.jit(mlp_chain)
   ok = ok + PROBES
-  fm = [jax.jit(functools.partial(chain, f=functools.partial(mlp, **cfg))) for cfg in ok]
+  fm = [jax.jit(functools.partial(mlp_chain, layer=functools.partial(mlp, **cfg))) for cfg in ok]
   timers = {"xla": lambda: pipelined_seconds(fx, x, wgu, wd) / L}
   for cfg, g in zip(ok, fm):
     key = "{upc}/{block_k}/{stages}".format(**cfg) + (" stream only" if cfg.get("stream_only") else "")

@@ -25,7 +25,7 @@ from pallas_kernels.sliding_window_attention.flash_mosaic import _stream
 
 sys.path.insert(0, os.path.dirname(__file__))
 from timing import pipelined_seconds  # noqa: E402  (benchmarks/timing.py)
-from decode_mlp_common import interleaved_rounds, paired_products, probe_inputs  # noqa: E402
+from decode_mlp_common import interleaved_rounds, mlp_chain, paired_products, probe_inputs, rel_err  # noqa: E402
 
 
 def gate_up_silu(x, w, *, block_k=128, stages=4, ctas=132, stream_only=False):
@@ -137,18 +137,13 @@ def xla_gu(x, ws):
   return [jax.nn.silu(y[:, :I]) * y[:, I:] for y in (x @ w for w in ws)]
 
 
-def xla_mlp(x, wgu, wd):  # each layer's output feeds the next, as in a decode step
-  I = wd[0].shape[0]
-  for a, b in zip(wgu, wd):
-    y = x @ a
-    x = x + (jax.nn.silu(y[:, :I]) * y[:, I:]) @ b
-  return x
+def mosaic_layer(x, w_gu, w_down, cfg):
+  """The MLP with this kernel's h^T, contracted on its first axis by XLA's down product."""
+  return lax.dot_general(gate_up_silu(x, w_gu, **cfg), w_down, (((0,), (0,)), ((), ())))[: x.shape[0]]
 
 
-def mosaic_mlp(x, wgu, wd, cfg):
-  for a, b in zip(wgu, wd):
-    x = x + lax.dot_general(gate_up_silu(x, a, **cfg), b, (((0,), (0,)), ((), ())))[: x.shape[0]]
-  return x
+def gate_up_over_layers(cfg):
+  return jax.jit(lambda x, ws: [gate_up_silu(x, w, **cfg) for w in ws])
 
 
 CONFIGS = [dict(block_k=64, stages=8, ctas=86), dict(block_k=64, stages=4, ctas=172),
@@ -168,29 +163,28 @@ if __name__ == "__main__":
       print("lowered", cfg)
     sys.exit()
   res, wgu, wd, x, x2 = probe_inputs(L, D, I)
-  rel = lambda a, b: float(jnp.linalg.norm(a - b) / jnp.linalg.norm(b))
   res["errors"] = {}
   for cfg in CONFIGS:  # correctness first: against the float32 product, R = 1 and 2, and one MLP layer against XLA's
     f = jax.jit(functools.partial(gate_up_silu, **cfg))
     key = "{block_k}/{stages}/{ctas}".format(**cfg)
     h1, h2 = f(x, wgu[0]).astype(jnp.float32), f(x2, wgu[1]).astype(jnp.float32)
-    one = jax.jit(functools.partial(mosaic_mlp, cfg=cfg))(x, wgu[:1], wd[:1]).astype(jnp.float32)
-    res["errors"][key] = {"R1": rel(h1[:, 0], reference(x, wgu[0])[0]), "R2": rel(h2[:, :2].T, reference(x2, wgu[1])),
+    one = jax.jit(functools.partial(mlp_chain, layer=functools.partial(mosaic_layer, cfg=cfg)))(x, wgu[:1], wd[:1])
+    res["errors"][key] = {"R1": rel_err(h1[:, 0], reference(x, wgu[0])[0]),
+                          "R2": rel_err(h2[:, :2].T, reference(x2, wgu[1])),
                           "pad_max": float(jnp.abs(h1[:, 1:]).max()),
-                          "mlp_layer": rel(one, jax.jit(xla_mlp)(x, wgu[:1], wd[:1]).astype(jnp.float32))}
+                          "mlp_layer": rel_err(one, jax.jit(mlp_chain)(x, wgu[:1], wd[:1]))}
     print(key, res["errors"][key], flush=True)
-  fx_gu, fx_mlp = jax.jit(xla_gu), jax.jit(xla_mlp)
-  fm_gu = [jax.jit(lambda x, ws, cfg=cfg: [gate_up_silu(x, w, **cfg) for w in ws]) for cfg in CONFIGS]
-  fm_mlp = [jax.jit(functools.partial(mosaic_mlp, cfg=cfg)) for cfg in CONFIGS]
+  fx_gu, fx_mlp = jax.jit(xla_gu), jax.jit(mlp_chain)
   timers = {"xla gu": lambda: pipelined_seconds(fx_gu, x, wgu) / L,
             "xla mlp": lambda: pipelined_seconds(fx_mlp, x, wgu, wd) / L}
-  for cfg, a, b in zip(CONFIGS, fm_gu, fm_mlp):
+  for cfg in CONFIGS:
     key = "{block_k}/{stages}/{ctas}".format(**cfg)
+    a = gate_up_over_layers(cfg)
+    b = jax.jit(functools.partial(mlp_chain, layer=functools.partial(mosaic_layer, cfg=cfg)))
     timers["gu " + key] = lambda a=a: pipelined_seconds(a, x, wgu) / L
     timers["mlp " + key] = lambda b=b: pipelined_seconds(b, x, wgu, wd) / L
   for cfg in PROBES:
-    key = "{block_k}/{stages}/{ctas}".format(**cfg)
-    f = jax.jit(lambda x, ws, cfg=cfg: [gate_up_silu(x, w, **cfg) for w in ws])
-    timers["gu stream only " + key] = lambda f=f: pipelined_seconds(f, x, wgu) / L
+    f = gate_up_over_layers(cfg)
+    timers["gu stream only {block_k}/{stages}/{ctas}".format(**cfg)] = lambda f=f: pipelined_seconds(f, x, wgu) / L
   res["rounds_us"], res["median_us"] = interleaved_rounds(timers)
   json.dump(res, open(os.path.join(os.environ.get("OUT", "/tmp"), "gate_up_silu.json"), "w"), indent=1)

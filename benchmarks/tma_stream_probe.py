@@ -16,7 +16,7 @@ from jax.experimental import pallas as pl
 from pallas_kernels.sliding_window_attention.flash_mosaic import _stream
 
 sys.path.insert(0, os.path.dirname(__file__))
-from timing import pipelined_seconds  # noqa: E402  (benchmarks/timing.py)
+from timing import pipelined_seconds, read_probe_tbps  # noqa: E402  (benchmarks/timing.py)
 
 
 def stream_probe(w, *, tile_k, tile_n, stages, ctas):
@@ -75,11 +75,8 @@ if __name__ == "__main__":
         shapes = [(2048, n) for n in (11008, 22016, 44032, 88064, 176128)]
         configs = [dict(tile_k=256, tile_n=64, stages=6, ctas=132), dict(tile_k=64, tile_n=128, stages=4, ctas=264)]
     res["device"] = jax.devices()[0].device_kind
-    big = jnp.ones((1 << 31,), jnp.bfloat16)
-    t = pipelined_seconds(jax.jit(lambda x: jnp.sum(x, dtype=jnp.float32)), big)
-    res["probe_TBps"] = big.nbytes / t / 1e12
+    res["probe_TBps"] = read_probe_tbps()
     print(f"read probe {res['probe_TBps']:.2f} TB/s", flush=True)
-    del big
     for K, N in shapes:
         L = max(2, min(8, (720 << 20) // (K * N * 2)))  # distinct weights per program: more than L2 in all
         ws = [jax.random.normal(jax.random.key(i), (K, N), jnp.float32).astype(jnp.bfloat16) for i in range(L)]
