@@ -34,6 +34,7 @@ I = 11008
 EPS = 1e-6
 
 
+@functools.cache
 def _prefetch_primitive():
   """A Pallas Triton primitive ``prefetch(ref, rows)``: one L2 prefetch per row start of ``ref`` ([n, chunk])."""
   from jax._src import core as jax_core
@@ -72,17 +73,13 @@ def _prefetch_primitive():
   return prefetch
 
 
-_PREFETCH = []
-
-
 def _norm_prefetch_kernel(x_ref, d_ref, w_ref, pf_ref, s_ref, h_ref, *, rows, chunks, bulk):
-  if not _PREFETCH:
-    _PREFETCH.append(_prefetch_primitive())
   pid, programs = pl.program_id(0), pl.num_programs(0)
   per = -(-chunks // programs)
   block = min(1024, 1 << (per - 1).bit_length())
   for first in range(0, per, block):  # this program's rows: pid, pid + P, ... of the weight's first `chunks`
-    _PREFETCH[0](pf_ref, jnp.minimum(pid + programs * (first + jax.lax.iota(jnp.int32, block)), chunks - 1), bulk)
+    rows_ = jnp.minimum(pid + programs * (first + jax.lax.iota(jnp.int32, block)), chunks - 1)
+    _prefetch_primitive()(pf_ref, rows_, bulk)
 
   @pl.when(pid < rows)
   def _():
