@@ -24,7 +24,7 @@ import jax, jax.numpy as jnp
 from jax.experimental import pallas as pl
 
 sys.path.insert(0, os.path.dirname(__file__))
-from decode_mlp_common import interleaved_rounds  # noqa: E402
+from decode_mlp_common import interleaved_rounds, rel_err  # noqa: E402
 from timing import pipelined_seconds, read_probe_tbps  # noqa: E402
 
 from pallas_kernels import _compat, rms_norm  # noqa: E402
@@ -181,8 +181,7 @@ def main():
           print(kind, n, "lowered", flush=True)
       continue
     ref = fns["none"](x, ws, scale)
-    errs = {n: float(jnp.linalg.norm((f(x, ws, scale) - ref).astype(jnp.float32))
-                     / jnp.linalg.norm(ref.astype(jnp.float32))) for n, f in fns.items()}
+    errs = {n: rel_err(f(x, ws, scale), ref) for n, f in fns.items()}
     timers = {n: (lambda f=f: pipelined_seconds(f, x, ws, scale) / L) for n, f in fns.items()}
     if kind != "mlp":
       same, f0 = [ws[0]] * L, fns["none"]
