@@ -261,3 +261,93 @@ def decode_mixer(proj, conv_q, conv_k, conv_v, conv_w, A_log, dt_bias, o_norm, l
   if resolve_backend(backend, head_k, head_v, conv_w.shape[0]) == "pallas_gpu":
     return decode_mixer_gpu(*args, **kw)
   return decode_mixer_reference(*args, **kw)
+
+
+def _fused_kernel(qr_ref, kr_ref, vr_ref, a_ref, b_ref, gate_ref, cq_ref, ck_ref, cv_ref, wq_ref, wk_ref, wv_ref,
+                  alog_ref, dtb_ref, live_ref, onorm_ref, s_ref, arr_ref, o_ref, y_ref, cq_out, ck_out, cv_out, s_out,
+                  arr_out, *, taps, scale, eps, rows, heads, nv, bv, barrier):
+  f32 = jnp.float32
+  n, j = pl.program_id(0), pl.program_id(1)
+  real = n // heads < rows
+
+  @pl.when(real)
+  def _():
+    s = s_ref[...]
+    keep = live_ref[...]
+    xq, prev_q, q = _conv_silu(qr_ref, cq_ref, wq_ref, keep, taps)
+    xk, prev_k, k = _conv_silu(kr_ref, ck_ref, wk_ref, keep, taps)
+    xv, prev_v, v = _conv_silu(vr_ref, cv_ref, wv_ref, keep, taps)
+    _shift(cv_out, prev_v, xv, taps)
+    a = a_ref[...].astype(f32) + dtb_ref[...].astype(f32)
+    g = -jnp.exp(alog_ref[...].astype(f32)) * (jnp.maximum(a, 0.0) + jnp.log1p(jnp.exp(-jnp.abs(a))))
+    beta = (1.0 / (1.0 + jnp.exp(-b_ref[...].astype(f32))))[:, None]
+    o, s_new = decode_gpu.update(s, decode_gpu.l2norm_column(q[:, None]) * scale,
+                                 decode_gpu.l2norm_column(k[:, None]), v[None, :], jnp.exp(g)[:, None], beta)
+    o_ref[pl.ds(j * bv, bv)] = o[0].astype(o_ref.dtype)
+    s_out[...] = s_new
+    if barrier:  # every thread's part of o stored before the release below (interpreted: one program at a time)
+      _compat.pltriton.debug_barrier()
+    arrived = _compat.pltriton.atomic_add(arr_out, (jnp.int32(0),), jnp.int32(1))
+
+    @pl.when(arrived == nv - 1)  # the head's last program: all its o slices are stored, its windows read
+    def _():
+      arr_out[0] = jnp.zeros((), arr_out.dtype)
+      ov = o_ref[...].astype(f32)  # [V]
+      ov = ov * jax.lax.rsqrt(jnp.mean(ov * ov) + eps) * onorm_ref[...].astype(f32)
+      gate = gate_ref[...].astype(f32)
+      y_ref[...] = (ov * (gate * (1.0 / (1.0 + jnp.exp(-gate))))).astype(y_ref.dtype)
+      _shift(cq_out, prev_q, xq, taps)
+      _shift(ck_out, prev_k, xk, taps)
+
+  @pl.when(jnp.logical_and(jnp.logical_not(real), j == 0))
+  def _():
+    y_ref[...] = jnp.zeros(y_ref.shape, y_ref.dtype)
+
+
+def decode_mixer_gpu_fused(proj, conv_q, conv_k, conv_v, conv_w, A_log, dt_bias, o_norm, live, state, arrivals, *,
+                           num_heads, head_k, head_v, eps, scale=None, interpret=None):
+  """One Pallas Triton kernel, grid (R H, V / bv): kernel 1's work, then the head's last program to arrive (counted
+  in ``arrivals [B H] int32``, zero between calls) does kernel 2's. Returns (y, cq, ck, cv, state, arrivals)."""
+  B, H, K, V = conv_q.shape[0], num_heads, head_k, head_v
+  R = proj.shape[0]
+  taps = conv_w.shape[0]
+  HK, HV = H * K, H * V
+  bv = min(BV, V)
+  nv = V // bv
+  scale = K ** -0.5 if scale is None else scale
+  interpret = _compat.gpu_interpret() if interpret is None else interpret
+  f32 = jnp.float32
+  params = _compat.triton_params(num_warps=NUM_WARPS, num_stages=1)
+  keep = live.reshape(B, 1).astype(f32)
+  rn = lambda n: jnp.minimum(n, B * H - 1)  # programs of rows past B read real rows' blocks (and write none)
+  row, head = (lambda n, j: jnp.minimum(n // H, B - 1)), (lambda n, j: n % H)
+  seg = lambda size, first: pl.BlockSpec((None, size), lambda n, j: (row(n, j), first + head(n, j)))
+  vseg = lambda first: pl.BlockSpec((None, bv), lambda n, j: (row(n, j), first + head(n, j) * nv + j))
+  window = pl.BlockSpec((None, taps - 1, K), lambda n, j: (row(n, j), 0, head(n, j)))
+  vwindow = pl.BlockSpec((None, taps - 1, bv), lambda n, j: (row(n, j), 0, head(n, j) * nv + j))
+  weights = lambda first: pl.BlockSpec((taps, K), lambda n, j: (0, first + head(n, j)))
+  vweights = pl.BlockSpec((taps, bv), lambda n, j: (0, 2 * HK // bv + head(n, j) * nv + j))
+  per_head = pl.BlockSpec((None, 1), lambda n, j: (head(n, j), 0))
+  per_row = pl.BlockSpec((None, 1), lambda n, j: (row(n, j), 0))
+  st = pl.BlockSpec((None, K, bv), lambda n, j: (rn(n), 0, j))
+  counter = pl.BlockSpec((None, 1), lambda n, j: (rn(n), 0))
+  o, y, cq, ck, cv, s, arr = pl.pallas_call(
+      functools.partial(_fused_kernel, taps=taps, scale=float(scale), eps=float(eps), rows=B, heads=H, nv=nv, bv=bv,
+                        barrier=not interpret),
+      grid=(R * H, nv),
+      in_specs=[seg(K, 0), seg(K, H), vseg(2 * HK // bv), seg(1, 2 * HK + 2 * HV), seg(1, 2 * HK + 2 * HV + H),
+                seg(V, (2 * HK + HV) // V), window, window, vwindow, weights(0), weights(H), vweights, per_head,
+                per_head, per_row, pl.BlockSpec((None, V), lambda n, j: (0, 0)), st, counter],
+      out_specs=[pl.BlockSpec((None, V), lambda n, j: (rn(n), 0)),
+                 pl.BlockSpec((None, V), lambda n, j: (n // H, n % H)), window, window, vwindow, st, counter],
+      out_shape=[jax.ShapeDtypeStruct((B * H, V), proj.dtype), jax.ShapeDtypeStruct((R, HV), proj.dtype),
+                 jax.ShapeDtypeStruct(conv_q.shape, conv_q.dtype), jax.ShapeDtypeStruct(conv_k.shape, conv_k.dtype),
+                 jax.ShapeDtypeStruct(conv_v.shape, conv_v.dtype), jax.ShapeDtypeStruct((B * H, K, V), f32),
+                 jax.ShapeDtypeStruct((B * H, 1), jnp.int32)],
+      input_output_aliases={6: 2, 7: 3, 8: 4, 16: 5, 17: 6}, compiler_params=params, interpret=interpret,
+      name="gdn_decode_mixer",
+  )(proj, proj, proj, proj, proj, proj, conv_q, conv_k, conv_v, conv_w, conv_w, conv_w, A_log.reshape(H, 1),
+    dt_bias.reshape(H, 1), keep, o_norm.reshape(1, V), state.astype(f32).reshape(B * H, K, V),
+    arrivals.reshape(B * H, 1))
+  del o
+  return y, cq, ck, cv, s.reshape(B, H, K, V), arr.reshape(arrivals.shape)
