@@ -354,7 +354,7 @@ class StepFns:
             g = jax.tree.map(lambda x: x / denom, g)
             updates, opt_state = tx.update(g, opt_state, trainable)
             trainable = optax.apply_updates(trainable, updates)
-            return trainable, opt_state, {"loss": total / denom, "grad_norm": optax.global_norm(g),
+            return trainable, opt_state, {"loss": total / denom, "grad_norm": optax.tree.norm(g),
                                           "targets": count}
 
         def eval_step(trainable, frozen, batch):
