@@ -1,0 +1,185 @@
+"""Could one persistent kernel per GDN decode layer beat today's kernels? Its memory schedule alone, measured first.
+
+Today a GDN layer's decode (without its MLP) is in_proj, the two mixer kernels, the output norm, o_proj and its
+split-K reduction: 30.8 us per layer in the H200 step profile. A persistent kernel would run in_proj on all SMs, a
+grid barrier, the mixer, a barrier, then o_proj, with o_proj's weight requested before the barriers so that its
+bytes stream while the CTAs wait. This probe builds that kernel without any arithmetic: ``ctas`` CTAs (one compute
+and one memory warpgroup each) stream
+  * in_proj [2048, 12320] in 385 units of 32 columns (2 or 3 per CTA), [tile_k, 32] tiles through a shared-memory
+    ring;
+  * the recurrent state (float32 [16, 128, 256]) in 128 blocks of [128, 32]: loaded before the first barrier, stored
+    after it (to a new array, same bytes);
+  * o_proj [4096, 2048] in 128 units of 16 columns (one per CTA, 128 KB in shared memory), requested right after
+    in_proj's last tile when ``early`` (else after the second barrier).
+The compute warpgroup waits for every tile and passes the two grid barriers (a global counter, as in
+`grid_barrier_probe.py`). Timed in a chain of L layers with distinct weights and states against the same chain of
+XLA's products (x @ in_proj, its v columns @ o_proj, the residual add): what the persistent kernel's arithmetic,
+the mixer and the norm would have to fit into. Writes $OUT/gdn_layer_stream.json.
+
+    PYTHONPATH=. python3 benchmarks/gdn_layer_stream_probe.py           # an sm90 GPU
+    PYTHONPATH=. python3 benchmarks/gdn_layer_stream_probe.py --lower   # CPU: lower every setting for CUDA
+"""
+import functools, json, os, sys
+
+import jax, jax.numpy as jnp
+from jax import lax
+from jax.experimental import pallas as pl
+
+sys.path.insert(0, os.path.dirname(__file__))
+from decode_mlp_common import interleaved_rounds  # noqa: E402
+from timing import pipelined_seconds, read_probe_tbps  # noqa: E402
+
+from pallas_kernels.sliding_window_attention.flash_mosaic import _stream  # noqa: E402
+
+D, N_IN, V_IN, HV = 2048, 12320, 4096, 4096  # model width, in_proj columns, o_proj rows (heads x head_v)
+H, DK, DV = 16, 128, 256  # GDN heads, key and value head sizes (the state is [H, DK, DV] float32)
+UNIT_IN, UNIT_O, TILE_O, SV = 32, 16, 256, 32  # columns per in_proj / o_proj unit, o_proj tile rows, state block cols
+L = 27
+
+
+def layer_stream(x, w_in, w_o, state, *, tile_k, stages, ctas, early=True, barriers=True):
+  """Stream one layer's bytes as described above; returns a dummy [ctas, 128] and the state's copy."""
+  from jax.experimental.pallas import mosaic_gpu as plgpu
+  n_units = N_IN // UNIT_IN
+  kb = D // tile_k
+  o_tiles = HV // TILE_O
+  s_blocks = H * (DV // SV)
+  assert ctas >= max(s_blocks, D // UNIT_O) and N_IN % UNIT_IN == 0 and D % tile_k == 0
+
+  def body(x_ref, win_ref, wo_ref, st_ref, o_ref, st_out, ring, wo_smem, st_smem, ready, free, o_ready, st_ready):
+    wg = lax.axis_index("wg")
+    c = lax.axis_index("cta")
+    mine = (n_units - c + ctas - 1) // ctas * kb  # in_proj tiles of this CTA: units c, c + ctas, ...
+    has_o = c < D // UNIT_O
+    has_st = c < s_blocks
+    head, vblk = c // (DV // SV), lax.rem(c, DV // SV)
+    if barriers:
+      arrive = pl.get_global(plgpu.SemaphoreType.REGULAR)
+      done = pl.get_global(plgpu.SemaphoreType.REGULAR)
+
+    def grid_barrier(k):
+      if barriers:
+        plgpu.semaphore_signal(arrive, 1, memory_scope="gpu")
+        plgpu.semaphore_wait(arrive, ctas * k, decrement=False, memory_scope="gpu")
+
+    def fetch_o():
+      @pl.when(has_o)
+      def _():
+        for t in range(o_tiles):
+          plgpu.copy_gmem_to_smem(wo_ref.at[pl.ds(t * TILE_O, TILE_O), pl.ds(c * UNIT_O, UNIT_O)],
+                                  wo_smem.at[t], o_ready.at[t])
+
+    @pl.when(wg == 0)
+    def _compute():
+      @pl.loop(0, mine)
+      def _(s):
+        slot = lax.rem(s, stages)
+        plgpu.barrier_wait(ready.at[slot])
+        plgpu.barrier_arrive(free.at[slot])
+      grid_barrier(1)
+
+      @pl.when(has_st)
+      def _():
+        plgpu.barrier_wait(st_ready.at[0])
+        plgpu.commit_smem()
+        plgpu.copy_smem_to_gmem(st_smem, st_out.at[head, pl.ds(0, DK), pl.ds(vblk * SV, SV)])
+        plgpu.wait_smem_to_gmem(0)
+      grid_barrier(2)
+      if not early:
+        fetch_o()
+
+      @pl.when(has_o)
+      def _():
+        for t in range(o_tiles):
+          plgpu.barrier_wait(o_ready.at[t])
+      if barriers:  # once every CTA has passed both barriers, CTA 0 resets the counters for the next launch
+        plgpu.semaphore_signal(done, 1, memory_scope="gpu")
+
+        @pl.when(c == 0)
+        def _():
+          plgpu.semaphore_wait(done, ctas, memory_scope="gpu")
+          plgpu.semaphore_signal(arrive, -2 * ctas, memory_scope="gpu")
+
+    @pl.when(wg == 1)
+    def _memory():
+      @pl.when(has_st)
+      def _():
+        plgpu.copy_gmem_to_smem(st_ref.at[head, pl.ds(0, DK), pl.ds(vblk * SV, SV)], st_smem, st_ready.at[0])
+
+      def fetch(s, slot):
+        u, kt = c + (s // kb) * ctas, lax.rem(s, kb)
+        plgpu.copy_gmem_to_smem(win_ref.at[pl.ds(kt * tile_k, tile_k), pl.ds(u * UNIT_IN, UNIT_IN)],
+                                ring.at[slot], ready.at[slot])
+      _stream(fetch, mine, stages, (free,))
+      if early:
+        fetch_o()
+
+  def tiled(cols, itemsize=2):
+    sw = cols * itemsize
+    return dict(transforms=(plgpu.TilingTransform((8, cols)), plgpu.SwizzleTransform(sw)))
+
+  return plgpu.kernel(
+      body, out_type=(jax.ShapeDtypeStruct((ctas, 128), jnp.float32), jax.ShapeDtypeStruct(state.shape, state.dtype)),
+      scratch_types=[plgpu.SMEM((stages, tile_k, UNIT_IN), w_in.dtype, **tiled(UNIT_IN)),
+                     plgpu.SMEM((o_tiles, TILE_O, UNIT_O), w_o.dtype, **tiled(UNIT_O)),
+                     plgpu.SMEM((DK, SV), state.dtype),
+                     plgpu.Barrier(num_barriers=stages), plgpu.Barrier(num_arrivals=1, num_barriers=stages),
+                     plgpu.Barrier(num_barriers=o_tiles), plgpu.Barrier(num_barriers=1)],
+      grid=(ctas,), grid_names=("cta",), num_threads=2, thread_name="wg")(x, w_in, w_o, state)
+
+
+def xla_layer(x, w_in, w_o):
+  """The products a GDN decode layer runs today, without the mixer and norms: x + (x @ in_proj)[v] @ o_proj."""
+  y = x @ w_in
+  return x + y[:, 2 * 2048:2 * 2048 + V_IN] @ w_o
+
+
+def stream_chain(x, wins, wos, states, **cfg):
+  outs = []
+  for w_in, w_o, st in zip(wins, wos, states):
+    o, s = layer_stream(x, w_in, w_o, st, **cfg)
+    outs.append(s)
+    x = x + o[0, :1].astype(x.dtype)  # keeps the launches in order, as a decode step's layers are
+  return x, outs
+
+
+CONFIGS = [dict(tile_k=tk, stages=st, ctas=132, early=e, barriers=b)
+           for tk, st in ((128, 6), (256, 4)) for e, b in ((True, True), (False, True), (True, False))]
+
+if __name__ == "__main__":
+  args = [jax.ShapeDtypeStruct((2, D), jnp.bfloat16), jax.ShapeDtypeStruct((D, N_IN), jnp.bfloat16),
+          jax.ShapeDtypeStruct((HV, D), jnp.bfloat16), jax.ShapeDtypeStruct((H, DK, DV), jnp.float32)]
+  if "--lower" in sys.argv:
+    from pallas_kernels import _compat
+    for cfg in CONFIGS:
+      with _compat.compiled():
+        jax.jit(functools.partial(layer_stream, **cfg)).trace(*args).lower(lowering_platforms=("cuda",))
+      print("lowered", cfg, flush=True)
+    sys.exit()
+  res = {"device": jax.devices()[0].device_kind, "jax": jax.__version__, "probe_TBps": read_probe_tbps(), "L": L}
+  print(res, flush=True)
+  keys = jax.random.split(jax.random.key(0), 3 * L + 1)
+  wins = [(jax.random.normal(keys[i], (D, N_IN), jnp.float32) * 0.02).astype(jnp.bfloat16) for i in range(L)]
+  wos = [(jax.random.normal(keys[L + i], (HV, D), jnp.float32) * 0.02).astype(jnp.bfloat16) for i in range(L)]
+  states = [jax.random.normal(keys[2 * L + i], (H, DK, DV), jnp.float32) for i in range(L)]
+  x = jax.random.normal(keys[-1], (2, D), jnp.float32).astype(jnp.bfloat16)
+  nbytes = (D * N_IN + HV * D) * 2 + 2 * H * DK * DV * 4
+  res["MB_per_layer"] = nbytes / 1e6
+  res["floor_us"] = nbytes / res["probe_TBps"] / 1e6
+
+  def xla_chain(x, wins, wos):
+    for a, b in zip(wins, wos):
+      x = xla_layer(x, a, b)
+    return x
+  fx = jax.jit(xla_chain)
+  timers = {"xla_products": lambda: pipelined_seconds(fx, x, wins, wos) / L}
+  for cfg in CONFIGS:
+    f = jax.jit(functools.partial(stream_chain, **cfg))
+    _, outs = f(x, wins, wos, states)
+    same = all(bool(jnp.array_equal(a, b)) for a, b in zip(outs, states))
+    print(cfg, "state copied exactly:", same, flush=True)
+    res.setdefault("state_copied_exactly", {})[str(cfg)] = same
+    timers[str(cfg)] = lambda f=f: pipelined_seconds(f, x, wins, wos, states) / L
+  res["rounds_us"], res["median_us"] = interleaved_rounds(timers)
+  print(f"{nbytes / 1e6:.1f} MB per layer, floor {res['floor_us']:.2f} us at the probe", flush=True)
+  json.dump(res, open(os.path.join(os.environ.get("OUT", "/tmp"), "gdn_layer_stream.json"), "w"), indent=1)
