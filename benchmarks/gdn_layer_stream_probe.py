@@ -8,7 +8,7 @@ and one memory warpgroup each) stream
   * in_proj [2048, 12320] in 385 units of 32 columns (2 or 3 per CTA), [tile_k, 32] tiles through a shared-memory
     ring;
   * the recurrent state (float32 [16, 128, 256]) in 128 blocks of [128, 32]: loaded before the first barrier, stored
-    after it (to a new array, same bytes);
+    after it (to a new array, same bytes), the store waited for before the second barrier or at the end;
   * o_proj [4096, 2048] in 128 units of 16 columns (one per CTA, 128 KB in shared memory), requested right after
     in_proj's last tile when ``early`` (else after the second barrier).
 The compute warpgroup waits for every tile and passes the two grid barriers (a global counter, as in
@@ -37,8 +37,11 @@ UNIT_IN, UNIT_O, TILE_O, SV = 32, 16, 256, 32  # columns per in_proj / o_proj un
 L = 27
 
 
-def layer_stream(x, w_in, w_o, state, *, tile_k, stages, ctas, early=True, barriers=True):
-  """Stream one layer's bytes as described above; returns a dummy [ctas, 128] and the state's copy."""
+def layer_stream(x, w_in, w_o, state, *, tile_k, stages, ctas, early=True, barriers=True, store_wait="end",
+                 slabs=False):
+  """Stream one layer's bytes as described above; returns a dummy [ctas, 128] and the state's copy. The state's store
+  is waited for before the second barrier (``store_wait="before"``) or at the end. With ``slabs`` the weights come
+  unit-major (`to_slabs`), so that each unit is one contiguous block."""
   from jax.experimental.pallas import mosaic_gpu as plgpu
   n_units = N_IN // UNIT_IN
   kb = D // tile_k
@@ -66,8 +69,9 @@ def layer_stream(x, w_in, w_o, state, *, tile_k, stages, ctas, early=True, barri
       @pl.when(has_o)
       def _():
         for t in range(o_tiles):
-          plgpu.copy_gmem_to_smem(wo_ref.at[pl.ds(t * TILE_O, TILE_O), pl.ds(c * UNIT_O, UNIT_O)],
-                                  wo_smem.at[t], o_ready.at[t])
+          src = (wo_ref.at[c, pl.ds(t * TILE_O, TILE_O)] if slabs
+                 else wo_ref.at[pl.ds(t * TILE_O, TILE_O), pl.ds(c * UNIT_O, UNIT_O)])
+          plgpu.copy_gmem_to_smem(src, wo_smem.at[t], o_ready.at[t])
 
     @pl.when(wg == 0)
     def _compute():
@@ -83,7 +87,8 @@ def layer_stream(x, w_in, w_o, state, *, tile_k, stages, ctas, early=True, barri
         plgpu.barrier_wait(st_ready.at[0])
         plgpu.commit_smem()
         plgpu.copy_smem_to_gmem(st_smem, st_out.at[head, pl.ds(0, DK), pl.ds(vblk * SV, SV)])
-        plgpu.wait_smem_to_gmem(0)
+        if store_wait == "before":
+          plgpu.wait_smem_to_gmem(0)
       grid_barrier(2)
       if not early:
         fetch_o()
@@ -92,6 +97,8 @@ def layer_stream(x, w_in, w_o, state, *, tile_k, stages, ctas, early=True, barri
       def _():
         for t in range(o_tiles):
           plgpu.barrier_wait(o_ready.at[t])
+      if store_wait == "end":
+        plgpu.wait_smem_to_gmem(0)
       if barriers:  # once every CTA has passed both barriers, CTA 0 resets the counters for the next launch
         plgpu.semaphore_signal(done, 1, memory_scope="gpu")
 
@@ -108,8 +115,9 @@ def layer_stream(x, w_in, w_o, state, *, tile_k, stages, ctas, early=True, barri
 
       def fetch(s, slot):
         u, kt = c + (s // kb) * ctas, lax.rem(s, kb)
-        plgpu.copy_gmem_to_smem(win_ref.at[pl.ds(kt * tile_k, tile_k), pl.ds(u * UNIT_IN, UNIT_IN)],
-                                ring.at[slot], ready.at[slot])
+        src = (win_ref.at[u, pl.ds(kt * tile_k, tile_k)] if slabs
+               else win_ref.at[pl.ds(kt * tile_k, tile_k), pl.ds(u * UNIT_IN, UNIT_IN)])
+        plgpu.copy_gmem_to_smem(src, ring.at[slot], ready.at[slot])
       _stream(fetch, mine, stages, (free,))
       if early:
         fetch_o()
@@ -128,6 +136,12 @@ def layer_stream(x, w_in, w_o, state, *, tile_k, stages, ctas, early=True, barri
       grid=(ctas,), grid_names=("cta",), num_threads=2, thread_name="wg")(x, w_in, w_o, state)
 
 
+def to_slabs(w, unit):
+  """[K, N] -> [N / unit, K, unit]: each unit of ``unit`` columns as one contiguous block."""
+  K, N = w.shape
+  return w.reshape(K, N // unit, unit).transpose(1, 0, 2)
+
+
 def xla_layer(x, w_in, w_o):
   """The products a GDN decode layer runs today, without the mixer and norms: x + (x @ in_proj)[v] @ o_proj."""
   y = x @ w_in
@@ -136,24 +150,29 @@ def xla_layer(x, w_in, w_o):
 
 def stream_chain(x, wins, wos, states, **cfg):
   outs = []
-  for w_in, w_o, st in zip(wins, wos, states):
+  for w_in, w_o, st in zip(wins[cfg.get("slabs", False)], wos[cfg.get("slabs", False)], states):
     o, s = layer_stream(x, w_in, w_o, st, **cfg)
     outs.append(s)
     x = x + o[0, :1].astype(x.dtype)  # keeps the launches in order, as a decode step's layers are
   return x, outs
 
 
-CONFIGS = [dict(tile_k=tk, stages=st, ctas=132, early=e, barriers=b)
-           for tk, st in ((128, 6), (256, 4)) for e, b in ((True, True), (False, True), (True, False))]
+CONFIGS = [dict(tile_k=tk, stages=st, ctas=132, early=e, barriers=b, store_wait=w)
+           for tk, st in ((128, 6), (256, 4))
+           for e, b, w in ((True, True, "end"), (True, True, "before"), (False, True, "end"), (True, False, "end"))]
+CONFIGS += [dict(c, slabs=True) for c in CONFIGS if c["store_wait"] == "end" and c["early"]]
 
 if __name__ == "__main__":
   args = [jax.ShapeDtypeStruct((2, D), jnp.bfloat16), jax.ShapeDtypeStruct((D, N_IN), jnp.bfloat16),
           jax.ShapeDtypeStruct((HV, D), jnp.bfloat16), jax.ShapeDtypeStruct((H, DK, DV), jnp.float32)]
   if "--lower" in sys.argv:
     from pallas_kernels import _compat
+    slab_args = args[:1] + [jax.ShapeDtypeStruct((N_IN // UNIT_IN, D, UNIT_IN), jnp.bfloat16),
+                            jax.ShapeDtypeStruct((D // UNIT_O, HV, UNIT_O), jnp.bfloat16)] + args[3:]
     for cfg in CONFIGS:
       with _compat.compiled():
-        jax.jit(functools.partial(layer_stream, **cfg)).trace(*args).lower(lowering_platforms=("cuda",))
+        jax.jit(functools.partial(layer_stream, **cfg)).trace(*(slab_args if cfg.get("slabs") else args)).lower(
+            lowering_platforms=("cuda",))
       print("lowered", cfg, flush=True)
     sys.exit()
   res = {"device": jax.devices()[0].device_kind, "jax": jax.__version__, "probe_TBps": read_probe_tbps(), "L": L}
@@ -173,13 +192,15 @@ if __name__ == "__main__":
     return x
   fx = jax.jit(xla_chain)
   timers = {"xla_products": lambda: pipelined_seconds(fx, x, wins, wos) / L}
+  both_wins = {False: wins, True: [to_slabs(w, UNIT_IN) for w in wins]}  # keyed by ``slabs``
+  both_wos = {False: wos, True: [to_slabs(w, UNIT_O) for w in wos]}
   for cfg in CONFIGS:
     f = jax.jit(functools.partial(stream_chain, **cfg))
-    _, outs = f(x, wins, wos, states)
+    _, outs = f(x, both_wins, both_wos, states)
     same = all(bool(jnp.array_equal(a, b)) for a, b in zip(outs, states))
     print(cfg, "state copied exactly:", same, flush=True)
     res.setdefault("state_copied_exactly", {})[str(cfg)] = same
-    timers[str(cfg)] = lambda f=f: pipelined_seconds(f, x, wins, wos, states) / L
+    timers[str(cfg)] = lambda f=f: pipelined_seconds(f, x, both_wins, both_wos, states) / L
   res["rounds_us"], res["median_us"] = interleaved_rounds(timers)
   print(f"{nbytes / 1e6:.1f} MB per layer, floor {res['floor_us']:.2f} us at the probe", flush=True)
   json.dump(res, open(os.path.join(os.environ.get("OUT", "/tmp"), "gdn_layer_stream.json"), "w"), indent=1)

@@ -66,7 +66,7 @@ def kernels(hlo: str):
   """Kernels in the entry computation of an optimized HLO module, and the fusion kinds named there."""
   entry = hlo[hlo.index("ENTRY"):]
   entry = entry[:entry.index("\n}")]
-  ops = re.findall(r"^\s*\S+ = [^\n]*? (fusion|custom-call)\(", entry, re.MULTILINE)
+  ops = re.findall(r"^\s*(?:ROOT )?\S+ = [^\n]*? (fusion|custom-call)\(", entry, re.MULTILINE)
   names = re.findall(r"calls=%?([\w.-]+)", entry)
   return len(ops), names
 
