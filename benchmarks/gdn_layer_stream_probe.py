@@ -27,6 +27,7 @@ from jax.experimental import pallas as pl
 
 sys.path.insert(0, os.path.dirname(__file__))
 from decode_mlp_common import interleaved_rounds  # noqa: E402
+from tma_stream_probe import drain  # noqa: E402
 from timing import pipelined_seconds, read_probe_tbps  # noqa: E402
 
 from pallas_kernels.sliding_window_attention.flash_mosaic import _stream  # noqa: E402
@@ -75,11 +76,7 @@ def layer_stream(x, w_in, w_o, state, *, tile_k, stages, ctas, early=True, barri
 
     @pl.when(wg == 0)
     def _compute():
-      @pl.loop(0, mine)
-      def _(s):
-        slot = lax.rem(s, stages)
-        plgpu.barrier_wait(ready.at[slot])
-        plgpu.barrier_arrive(free.at[slot])
+      drain(mine, stages, ready, free)
       grid_barrier(1)
 
       @pl.when(has_st)

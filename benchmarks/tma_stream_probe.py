@@ -19,6 +19,17 @@ sys.path.insert(0, os.path.dirname(__file__))
 from timing import pipelined_seconds, read_probe_tbps  # noqa: E402  (benchmarks/timing.py)
 
 
+def drain(n, stages, ready, free):
+  """The consuming warpgroup of a stream-only kernel: wait for each of ``n`` ring steps and release its slot."""
+  from jax.experimental.pallas import mosaic_gpu as plgpu
+
+  @pl.loop(0, n)
+  def _(s):
+    slot = lax.rem(s, stages)
+    plgpu.barrier_wait(ready.at[slot])
+    plgpu.barrier_arrive(free.at[slot])
+
+
 def stream_probe(w, *, tile_k, tile_n, stages, ctas):
     from jax.experimental.pallas import mosaic_gpu as plgpu
     K, N = w.shape
@@ -32,11 +43,7 @@ def stream_probe(w, *, tile_k, tile_n, stages, ctas):
 
         @pl.when(wg == 0)
         def _consume():
-            @pl.loop(0, mine)
-            def _(s):
-                slot = lax.rem(s, stages)
-                plgpu.barrier_wait(ready.at[slot])
-                plgpu.barrier_arrive(free.at[slot])
+            drain(mine, stages, ready, free)
 
         @pl.when(wg == 1)
         def _memory():
