@@ -32,8 +32,9 @@ from timing import pipelined_seconds, read_probe_tbps  # noqa: E402
 
 from pallas_kernels.sliding_window_attention.flash_mosaic import _stream  # noqa: E402
 
-D, N_IN, V_IN, HV = 2048, 12320, 4096, 4096  # model width, in_proj columns, o_proj rows (heads x head_v)
+D, N_IN = 2048, 12320  # model width, in_proj columns (q, k, v, gate, a, b)
 H, DK, DV = 16, 128, 256  # GDN heads, key and value head sizes (the state is [H, DK, DV] float32)
+HV = H * DV  # v columns of in_proj, rows of o_proj
 UNIT_IN, UNIT_O, TILE_O, SV = 32, 16, 256, 32  # columns per in_proj / o_proj unit, o_proj tile rows, state block cols
 L = 27
 
@@ -119,9 +120,8 @@ def layer_stream(x, w_in, w_o, state, *, tile_k, stages, ctas, early=True, barri
       if early:
         fetch_o()
 
-  def tiled(cols, itemsize=2):
-    sw = cols * itemsize
-    return dict(transforms=(plgpu.TilingTransform((8, cols)), plgpu.SwizzleTransform(sw)))
+  def tiled(cols):  # bf16 tiles [8, cols], swizzled over their 2 * cols-byte rows
+    return dict(transforms=(plgpu.TilingTransform((8, cols)), plgpu.SwizzleTransform(2 * cols)))
 
   return plgpu.kernel(
       body, out_type=(jax.ShapeDtypeStruct((ctas, 128), jnp.float32), jax.ShapeDtypeStruct(state.shape, state.dtype)),
@@ -142,7 +142,7 @@ def to_slabs(w, unit):
 def xla_layer(x, w_in, w_o):
   """The products a GDN decode layer runs today, without the mixer and norms: x + (x @ in_proj)[v] @ o_proj."""
   y = x @ w_in
-  return x + y[:, 2 * 2048:2 * 2048 + V_IN] @ w_o
+  return x + y[:, 2 * H * DK:2 * H * DK + HV] @ w_o
 
 
 def stream_chain(x, wins, wos, states, **cfg):
