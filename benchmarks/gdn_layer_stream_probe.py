@@ -27,6 +27,7 @@ from jax.experimental import pallas as pl
 
 sys.path.insert(0, os.path.dirname(__file__))
 from decode_mlp_common import interleaved_rounds  # noqa: E402
+from grid_barrier_probe import grid_barrier, reset_barriers  # noqa: E402
 from tma_stream_probe import drain  # noqa: E402
 from timing import pipelined_seconds, read_probe_tbps  # noqa: E402
 
@@ -62,10 +63,9 @@ def layer_stream(x, w_in, w_o, state, *, tile_k, stages, ctas, early=True, barri
       arrive = pl.get_global(plgpu.SemaphoreType.REGULAR)
       done = pl.get_global(plgpu.SemaphoreType.REGULAR)
 
-    def grid_barrier(k):
+    def sync(k):
       if barriers:
-        plgpu.semaphore_signal(arrive, 1, memory_scope="gpu")
-        plgpu.semaphore_wait(arrive, ctas * k, decrement=False, memory_scope="gpu")
+        grid_barrier(arrive, ctas, k)
 
     def fetch_o():
       @pl.when(has_o)
@@ -78,7 +78,7 @@ def layer_stream(x, w_in, w_o, state, *, tile_k, stages, ctas, early=True, barri
     @pl.when(wg == 0)
     def _compute():
       drain(mine, stages, ready, free)
-      grid_barrier(1)
+      sync(1)
 
       @pl.when(has_st)
       def _():
@@ -87,7 +87,7 @@ def layer_stream(x, w_in, w_o, state, *, tile_k, stages, ctas, early=True, barri
         plgpu.copy_smem_to_gmem(st_smem, st_out.at[head, pl.ds(0, DK), pl.ds(vblk * SV, SV)])
         if store_wait == "before":
           plgpu.wait_smem_to_gmem(0)
-      grid_barrier(2)
+      sync(2)
       if not early:
         fetch_o()
 
@@ -97,13 +97,8 @@ def layer_stream(x, w_in, w_o, state, *, tile_k, stages, ctas, early=True, barri
           plgpu.barrier_wait(o_ready.at[t])
       if store_wait == "end":
         plgpu.wait_smem_to_gmem(0)
-      if barriers:  # once every CTA has passed both barriers, CTA 0 resets the counters for the next launch
-        plgpu.semaphore_signal(done, 1, memory_scope="gpu")
-
-        @pl.when(c == 0)
-        def _():
-          plgpu.semaphore_wait(done, ctas, memory_scope="gpu")
-          plgpu.semaphore_signal(arrive, -2 * ctas, memory_scope="gpu")
+      if barriers:
+        reset_barriers(arrive, done, ctas, 2)
 
     @pl.when(wg == 1)
     def _memory():

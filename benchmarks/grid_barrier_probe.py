@@ -18,24 +18,33 @@ sys.path.insert(0, os.path.dirname(__file__))
 from timing import pipelined_seconds  # noqa: E402  (benchmarks/timing.py)
 
 
+def grid_barrier(arrive, ctas, k):
+  """The k-th (from 1) grid-wide barrier of a launch over the global counter ``arrive``."""
+  from jax.experimental.pallas import mosaic_gpu as plgpu
+  plgpu.semaphore_signal(arrive, 1, memory_scope="gpu")
+  plgpu.semaphore_wait(arrive, ctas * k, decrement=False, memory_scope="gpu")
+
+
+def reset_barriers(arrive, done, ctas, n):
+  """At a launch's end, after its ``n`` grid barriers: CTA 0 waits until every CTA has passed the last one (counted
+  on ``done``, which the wait brings back to zero) and sets ``arrive`` back to zero for the next launch."""
+  from jax.experimental.pallas import mosaic_gpu as plgpu
+  plgpu.semaphore_signal(done, 1, memory_scope="gpu")
+
+  @pl.when(lax.axis_index("cta") == 0)
+  def _():
+    plgpu.semaphore_wait(done, ctas, memory_scope="gpu")
+    plgpu.semaphore_signal(arrive, -ctas * n, memory_scope="gpu")
+
+
 def barriers(n, *, ctas):
   from jax.experimental.pallas import mosaic_gpu as plgpu
 
   def body(o_ref):
     arrive = pl.get_global(plgpu.SemaphoreType.REGULAR)
     done = pl.get_global(plgpu.SemaphoreType.REGULAR)
-
-    @pl.loop(1, n + 1)
-    def _(k):
-      plgpu.semaphore_signal(arrive, 1, memory_scope="gpu")
-      plgpu.semaphore_wait(arrive, ctas * k, decrement=False, memory_scope="gpu")
-
-    plgpu.semaphore_signal(done, 1, memory_scope="gpu")
-
-    @pl.when(lax.axis_index("cta") == 0)
-    def _():
-      plgpu.semaphore_wait(done, ctas, memory_scope="gpu")  # every CTA has passed its last barrier
-      plgpu.semaphore_signal(arrive, -ctas * n, memory_scope="gpu")
+    pl.loop(1, n + 1)(lambda k: grid_barrier(arrive, ctas, k))
+    reset_barriers(arrive, done, ctas, n)
 
   return plgpu.kernel(body, out_type=jax.ShapeDtypeStruct((ctas, 128), jnp.float32), grid=(ctas,),
                       grid_names=("cta",))()
